@@ -1,0 +1,36 @@
+# Set-up and the project's two commands (see README.md). Everything runs in .venv.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+EXTRAS ?= all,dev
+comma := ,
+STAMP := $(VENV)/.installed-$(TORCH_VERSION)-$(subst $(comma),-,$(EXTRAS))
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+
+.PHONY: demo test setup data lint
+
+demo: setup data
+	$(VENV)/bin/zsq demo
+
+test: setup data
+	$(PYTHON) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+setup: $(STAMP)
+
+# torch is installed alone and first, pinned: a plain or open-ended torch requirement, resolved
+# with no torch present, pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PYTHON) -m pip install --quiet -e '.[$(EXTRAS)]'
+	$(PYTHON) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH_VERSION)') and torch.version.cuda is None else 'unexpected torch ' + v)"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+data:
+	@bash scripts/install_data.sh

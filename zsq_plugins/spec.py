@@ -1,0 +1,123 @@
+"""``QuantSpec``: what to quantize and how, independent of any toolkit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from enum import Enum
+from typing import Any
+
+from zsq_plugins.errors import ZSQError
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+class Granularity(str, Enum):
+    PER_CHANNEL = "per_channel"
+    PER_TENSOR = "per_tensor"
+
+
+class Symmetry(str, Enum):
+    SYMMETRIC = "symmetric"
+    ASYMMETRIC = "asymmetric"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+    """Bit widths and quantizer layout, in the literature's standard setting by default.
+
+    The defaults follow the standard PTQ setting of BRECQ/QDrop/Genie (see BENCHMARKS.md):
+    per-output-channel symmetric weights, per-tensor asymmetric activations, and the first
+    conv and last linear layer (with their inputs) kept at 8 bits.
+    """
+
+    weight_bits: int = 8
+    """Bits of every weight quantizer except those of layers kept at 8 bits (2..8)."""
+    act_bits: int = 8
+    """Bits of every activation quantizer except the inputs of layers kept at 8 bits (2..8)."""
+    weight_granularity: Granularity = Granularity.PER_CHANNEL
+    act_granularity: Granularity = Granularity.PER_TENSOR
+    weight_symmetry: Symmetry = Symmetry.SYMMETRIC
+    act_symmetry: Symmetry = Symmetry.ASYMMETRIC
+    keep_first_last_8bit: bool = True
+    """Keep the first conv and the last linear layer, and their inputs, at 8 bits."""
+    keep_8bit: tuple[str, ...] = ()
+    """Further module names (of the FP model) whose weights and inputs stay at 8 bits."""
+    fold_batchnorm: bool = True
+    """Fold BatchNorm into the preceding convolution before quantizing."""
+
+    def __post_init__(self) -> None:
+        for field in ("weight_bits", "act_bits"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{field} must be an integer, got {value!r}")
+            if not MIN_BITS <= value <= MAX_BITS:
+                raise ValueError(
+                    f"{field}={value} is out of range; supported bit widths are "
+                    f"{MIN_BITS}..{MAX_BITS}"
+                )
+        for field, enum in (
+            ("weight_granularity", Granularity),
+            ("act_granularity", Granularity),
+            ("weight_symmetry", Symmetry),
+            ("act_symmetry", Symmetry),
+        ):
+            value = getattr(self, field)
+            try:
+                object.__setattr__(self, field, enum(value))
+            except ValueError:
+                choices = ", ".join(repr(member.value) for member in enum)
+                raise ValueError(f"{field} must be one of {choices}; got {value!r}") from None
+        keep = self.keep_8bit
+        if isinstance(keep, str) or not all(isinstance(name, str) for name in keep):
+            raise ValueError(f"keep_8bit must be a sequence of module names, got {keep!r}")
+        object.__setattr__(self, "keep_8bit", tuple(keep))
+
+    @property
+    def label(self) -> str:
+        """The short name used in tables, e.g. ``W4A4``."""
+        return f"W{self.weight_bits}A{self.act_bits}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for key, value in data.items():
+            if isinstance(value, Enum):
+                data[key] = value.value
+            elif isinstance(value, tuple):
+                data[key] = list(value)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantSpec field(s) {unknown}; valid fields: {sorted(known)}")
+        values = dict(data)
+        if "keep_8bit" in values and not isinstance(values["keep_8bit"], str):
+            values["keep_8bit"] = tuple(values["keep_8bit"])
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantSpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ZSQError(f"QuantSpec JSON is not valid JSON: {error}") from error
+        if not isinstance(data, dict):
+            raise ZSQError(f"QuantSpec JSON must be an object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    @classmethod
+    def parse(cls, label: str, **overrides: Any) -> QuantSpec:
+        """``QuantSpec.parse("W4A4")``: the standard setting at the given bit widths."""
+        text = label.strip().upper()
+        if not (text.startswith("W") and "A" in text):
+            raise ValueError(f"expected a label such as 'W4A4', got {label!r}")
+        weight, _, act = text[1:].partition("A")
+        if not (weight.isdigit() and act.isdigit()):
+            raise ValueError(f"expected a label such as 'W4A4', got {label!r}")
+        return cls(weight_bits=int(weight), act_bits=int(act), **overrides)

