@@ -13,6 +13,7 @@ from zsq_plugins.errors import (
 )
 from zsq_plugins.evaluation import EvalResult, evaluate
 from zsq_plugins.spec import Granularity, QuantSpec, Symmetry
+from zsq_plugins.synthesis import SyntheticDataset, calibration_loader, synthesize
 
 __version__ = "0.1.0"
 
@@ -26,10 +27,13 @@ __all__ = [
     "MissingDependencyError",
     "QuantSpec",
     "Symmetry",
+    "SyntheticDataset",
     "UnknownPluginError",
     "UnsupportedModelError",
     "ZSQError",
     "__version__",
+    "calibration_loader",
     "evaluate",
+    "synthesize",
     "zoo",
 ]

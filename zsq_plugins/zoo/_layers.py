@@ -1,4 +1,7 @@
-"""Building blocks shared by the zoo's architectures."""
+"""Building blocks shared by the zoo's architectures.
+
+Every zoo model sets ``self.input_shape`` = (C, H, W) so that generators can infer it.
+"""
 
 from __future__ import annotations
 

@@ -99,6 +99,7 @@ class EfficientNetLite(nn.Module):
     ) -> None:
         super().__init__()
         self.normalize = Normalize((127 / 255,) * 3, (128 / 255,) * 3)
+        self.input_shape = (3, input_size, input_size)
         self.stem = _conv_unit(3, stem_channels, 3, 2, input_size)
         size = -(-input_size // 2)
         blocks: list[nn.Module] = []

@@ -49,6 +49,7 @@ class MobileNetV2(nn.Module):
     ) -> None:
         super().__init__()
         self.normalize = Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+        self.input_shape = (in_channels, 28, 28)
         self.stem = conv_bn(in_channels, stem_channels, 3, activation=nn.ReLU6)
         blocks: list[nn.Module] = []
         channels = stem_channels

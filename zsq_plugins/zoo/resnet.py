@@ -41,6 +41,7 @@ class ResNet20(nn.Module):
     ) -> None:
         super().__init__()
         self.normalize = Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+        self.input_shape = (in_channels, 28, 28)
         self.stem = conv_bn(in_channels, widths[0], 3)
         stages: list[nn.Module] = []
         channels = widths[0]

@@ -26,6 +26,7 @@ class VGGNoBN(nn.Module):
     ) -> None:
         super().__init__()
         self.normalize = Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+        self.input_shape = (in_channels, 28, 28)
         layers: list[nn.Module] = []
         channels = in_channels
         for width in widths:

@@ -1,0 +1,104 @@
+"""Pieces of the engine: statistics capture, objectives, swing convolution, augmentation."""
+
+import pytest
+import torch
+from torch import nn
+
+from zsq_plugins.synthesis.config import Distance, SynthesisConfig
+from zsq_plugins.synthesis.engine import batch_seed
+from zsq_plugins.synthesis.hooks import BNStatisticsCapture, frozen, swing_convolution
+from zsq_plugins.synthesis.objectives import (
+    bn_loss_terms,
+    decorrelation,
+    expected_deviation,
+    plan_batch,
+)
+
+
+def test_bn_capture_matches_direct_statistics():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3).eval()
+    x = torch.randn(5, 3, 4, 4) * 2 + 1
+    capture = BNStatisticsCapture([("bn", bn)])
+    with capture:
+        bn(x)
+    (stat,) = capture.collected()
+    torch.testing.assert_close(stat.batch_mean, x.mean((0, 2, 3)))
+    expected_std = torch.sqrt(x.var((0, 2, 3), unbiased=False) + bn.eps)
+    torch.testing.assert_close(stat.batch_std, expected_std)
+    torch.testing.assert_close(stat.sample_mean, x.mean((2, 3)))
+    assert stat.positions == 16
+    assert not bn._forward_pre_hooks  # hooks removed on exit
+
+
+def test_slack_ignores_deviations_inside_the_margin():
+    target_std = torch.ones(4)
+    margin = expected_deviation(target_std, 16, Distance.NORM, of_std=False)
+    assert margin == pytest.approx((4 / 16) ** 0.5)
+    bn = nn.BatchNorm2d(4).eval()  # mean 0, std ~1
+    capture = BNStatisticsCapture([("bn", bn)])
+    x = torch.randn(1, 4, 4, 4)
+    x = (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True, unbiased=False)
+    x = x + 0.1  # every channel's mean off by 0.1: distance 0.2 < margin 0.5
+    with capture:
+        bn(x)
+    plan = plan_batch(1, 1, 10, torch.Generator().manual_seed(0))
+    strict = SynthesisConfig(bn_distance="norm", bn_sample_weight=1.0, bn_batch_weight=0.0)
+    slacked = strict.replace(slack=1.0)
+    stats, targets = capture.collected(), capture.targets
+    assert bn_loss_terms(stats, targets, strict, plan)["bn_sample"] > 0.1
+    assert bn_loss_terms(stats, targets, slacked, plan)["bn_sample"] == 0.0
+
+
+def test_layer_emphasis_adds_the_chosen_layers_loss():
+    bns = [nn.BatchNorm2d(2).eval(), nn.BatchNorm2d(2).eval()]
+    capture = BNStatisticsCapture([("a", bns[0]), ("b", bns[1])])
+    with capture:
+        bns[0](torch.randn(3, 2, 4, 4))
+        bns[1](torch.randn(3, 2, 4, 4) * 3)
+    plan = plan_batch(3, 2, 10, torch.Generator().manual_seed(0))
+    base = SynthesisConfig(bn_sample_weight=1.0, bn_batch_weight=0.0)
+    plain = bn_loss_terms(capture.collected(), capture.targets, base, plan)["bn_sample"]
+    emphasized = bn_loss_terms(
+        capture.collected(), capture.targets, base.replace(layer_emphasis=1.0), plan
+    )["bn_sample"]
+    assert emphasized > plain
+
+
+def test_decorrelation_extremes():
+    same = torch.ones(4, 5)
+    assert decorrelation(same).item() == pytest.approx(1.0)
+    orthogonal = torch.eye(4)
+    assert decorrelation(orthogonal).item() == pytest.approx(0.0)
+
+
+def test_swing_convolution_shifts_only_strided_convs_and_cleans_up():
+    torch.manual_seed(0)
+    strided = nn.Conv2d(1, 1, 3, stride=2, padding=1)
+    plain = nn.Conv2d(1, 1, 3, padding=1)
+    model = nn.Sequential(plain, strided)
+    x = torch.randn(1, 1, 8, 8)
+    before = model(x)
+    outputs = []
+    with swing_convolution(model, 1, torch.Generator().manual_seed(0)):
+        assert not plain._forward_pre_hooks and strided._forward_pre_hooks
+        for _ in range(8):
+            outputs.append(model(x))
+    assert any(not torch.equal(out, before) for out in outputs)
+    assert all(out.shape == before.shape for out in outputs)
+    assert not strided._forward_pre_hooks
+    torch.testing.assert_close(model(x), before)
+
+
+def test_frozen_restores_mode_and_gradients():
+    model = nn.Linear(2, 2).train()
+    model.bias.requires_grad_(False)
+    with frozen(model):
+        assert not model.training and not model.weight.requires_grad
+    assert model.training and model.weight.requires_grad and not model.bias.requires_grad
+
+
+def test_batch_seeds_are_independent_of_order():
+    seeds = [batch_seed(0, i) for i in range(100)]
+    assert len(set(seeds)) == 100
+    assert batch_seed(0, 5) == seeds[5] and batch_seed(1, 5) != seeds[5]

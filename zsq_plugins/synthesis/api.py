@@ -1,0 +1,211 @@
+"""``synthesize`` and ``calibration_loader``: the public face of the synthesis engine."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from zsq_plugins.errors import UnsupportedModelError
+from zsq_plugins.synthesis.artifact import FORMAT, ShardStore, SyntheticDataset
+from zsq_plugins.synthesis.engine import SynthesisEngine, batch_seed, batch_sizes
+from zsq_plugins.synthesis.model_info import (
+    batchnorm_layers,
+    check_finite_weights,
+    check_input_shape,
+    infer_input_shape,
+    input_domain,
+    model_fingerprint,
+)
+from zsq_plugins.synthesis.presets import Budget, get_preset, presets_without_batchnorm
+
+log = logging.getLogger(__name__)
+
+
+class _MemoryStore:
+    """The in-memory counterpart of ShardStore, for runs without a cache folder."""
+
+    def __init__(self, identity: dict[str, Any]) -> None:
+        self.identity = identity
+        self.shards: dict[int, dict[str, Any]] = {}
+        self.images: dict[int, torch.Tensor] = {}
+
+    def finished(self) -> set[int]:
+        return set(self.shards)
+
+    def write_shard(self, index: int, images: torch.Tensor, record: dict[str, Any]) -> None:
+        self.images[index] = images
+        self.shards[index] = {"index": index, "size": len(images), **record}
+
+    def complete(self, extra: dict[str, Any]) -> None:
+        self.extra = extra
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def synthesize(
+    model: nn.Module,
+    num_samples: int,
+    preset: str = "genie",
+    seed: int = 0,
+    *,
+    budget: Budget | str = Budget.CPU,
+    input_shape: Sequence[int] | None = None,
+    input_mean: Sequence[float] | None = None,
+    input_std: Sequence[float] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> SyntheticDataset:
+    """Generates ``num_samples`` calibration images for ``model`` without any real data.
+
+    ``preset`` names a generator (``noise``, ``zeroq``, ``dsg``, ``genie``, or one added by
+    a plugin); ``budget`` picks its ``paper`` or ``cpu`` iteration budget; ``overrides`` set
+    any SynthesisConfig field (``iterations=50``, ``batch_size=64``...). Images are in the
+    model's input space (``[0, 1]`` for the zoo's models). ``input_shape`` (C, H, W) is read
+    from ``model.input_shape`` when the model declares it.
+
+    With ``cache_dir``, each finished batch is written there at once as a safetensors shard
+    plus manifest; a run interrupted and started again reuses the finished batches, and a
+    completed set is loaded instead of regenerated. The same seed gives the same images.
+    """
+    _positive_int("num_samples", num_samples)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    generator_preset = get_preset(preset)
+    config = generator_preset.config(budget).replace(**overrides)
+    check_finite_weights(model)
+    if config.uses_batchnorm and not batchnorm_layers(model):
+        raise UnsupportedModelError(
+            f"preset {preset!r} inverts BatchNorm statistics, but {type(model).__name__} has no "
+            "BatchNorm layer with running statistics (was BatchNorm folded?). Presets that need "
+            f"no BatchNorm: {', '.join(presets_without_batchnorm())}."
+        )
+    shape = tuple(input_shape) if input_shape is not None else infer_input_shape(model)
+    if shape is None:
+        raise ValueError(
+            f"cannot infer the input shape of {type(model).__name__}; pass input_shape=(C, H, W)"
+        )
+    for size in shape:
+        _positive_int("each input_shape entry", size)
+    device = _resolve_device(model, device)
+    domain = input_domain(model, shape[0], input_mean, input_std)
+    with torch.no_grad():
+        num_classes = check_input_shape(model.eval(), shape, device)
+    sizes = batch_sizes(num_samples, config.batch_size)
+    identity = {
+        "format": FORMAT,
+        "model_fingerprint": model_fingerprint(model),
+        "preset": preset,
+        "budget": Budget(budget).value,
+        "config": config.to_dict(),
+        "seed": seed,
+        "num_samples": num_samples,
+        "batch_sizes": sizes,
+        "input_shape": list(shape),
+        "input_domain": {"mean": list(domain.mean), "std": list(domain.std),
+                         "low": domain.low, "high": domain.high},
+        "dtype": str(dtype),
+    }  # fmt: skip
+    store: ShardStore | _MemoryStore
+    store = ShardStore(cache_dir, identity) if cache_dir is not None else _MemoryStore(identity)
+    pending = [i for i in range(len(sizes)) if i not in store.finished()]
+    if len(pending) < len(sizes):
+        log.info("reusing %d finished batch(es) from %s", len(sizes) - len(pending), cache_dir)
+    engine = SynthesisEngine(model, config, shape, domain, num_classes, device, dtype)
+    steps = 1 if config.parameterization.value == "noise" else config.iterations
+    started = time.perf_counter()
+    with tqdm(
+        total=steps * len(pending), desc=f"synthesize {preset}", unit="step", disable=not progress
+    ) as bar:
+        for index in pending:
+            result = engine.run_batch(sizes[index], batch_seed(seed, index), bar)
+            store.write_shard(
+                index,
+                result.images,
+                {"initial_loss": result.initial_loss, "final_loss": result.final_loss,
+                 "terms": result.terms, "seconds": round(result.seconds, 3)},
+            )  # fmt: skip
+            log.debug("batch %d: loss %s -> %s", index, result.initial_loss, result.final_loss)
+    store.complete({"generation_seconds": round(time.perf_counter() - started, 3)})
+    if isinstance(store, ShardStore):
+        return SyntheticDataset.load(store.root)
+    images = torch.cat([store.images[i] for i in range(len(sizes))])
+    manifest = {"identity": identity, "complete": True,
+                "shards": [store.shards[i] for i in range(len(sizes))], **store.extra}  # fmt: skip
+    return SyntheticDataset(images, manifest)
+
+
+class _WithDummyTargets(Dataset[tuple[torch.Tensor, int]]):
+    def __init__(self, images: Dataset[torch.Tensor]) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], 0
+
+
+def calibration_loader(
+    source: nn.Module | Dataset[torch.Tensor] | torch.Tensor,
+    num_samples: int = 1024,
+    *,
+    batch_size: int = 32,
+    with_targets: bool = False,
+    shuffle: bool = False,
+    **synthesize_kwargs: Any,
+) -> DataLoader:
+    """A DataLoader of calibration batches that any toolkit's calibration loop accepts.
+
+    ``source`` is a model (data are synthesized for it with ``synthesize_kwargs``), a
+    SyntheticDataset or any dataset of images, or a tensor (N, C, H, W). Batches are input
+    tensors, or ``(input, 0)`` pairs with ``with_targets=True`` for loops that unpack targets.
+    ``batch_size`` is the loader's; to set the generation batch size, call ``synthesize``
+    and pass its result.
+    """
+    _positive_int("batch_size", batch_size)
+    if isinstance(source, nn.Module):
+        dataset: Dataset[Any] = synthesize(source, num_samples, **synthesize_kwargs)
+    elif isinstance(source, torch.Tensor):
+        dataset = torch.utils.data.TensorDataset(source)
+        dataset = _Unwrap(dataset)
+    else:
+        if synthesize_kwargs:
+            raise TypeError(f"options {sorted(synthesize_kwargs)} apply only to a model source")
+        dataset = source
+    if with_targets:
+        dataset = _WithDummyTargets(dataset)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+
+
+class _Unwrap(Dataset[torch.Tensor]):
+    def __init__(self, dataset: torch.utils.data.TensorDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.dataset[index][0]

@@ -1,0 +1,148 @@
+"""The synthesis objective: BatchNorm-statistics matching and its diversity terms.
+
+Terms (weights on SynthesisConfig):
+- batch statistics vs BN running statistics (ZeroQ, Genie);
+- per-sample statistics vs BN statistics, with one randomly emphasized layer per sample
+  (DSG's layerwise sample enhancement);
+- slack alignment (DSG): no push inside a margin derived from the model (expected_deviation);
+- decorrelation of samples' penultimate features; an input prior; random-label cross-entropy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+from zsq_plugins.synthesis.config import Distance, SynthesisConfig
+from zsq_plugins.synthesis.hooks import BNStatistics, BNTarget
+
+
+def distance(value: torch.Tensor, target: torch.Tensor, kind: Distance) -> torch.Tensor:
+    """Distance over the last (channel) dimension; leading dimensions are kept."""
+    diff = value - target
+    if kind is Distance.MSE:
+        return diff.pow(2).mean(-1)
+    return diff.norm(dim=-1)
+
+
+def expected_deviation(std: torch.Tensor, count: int, kind: Distance, of_std: bool) -> float:
+    """Expected distance between a statistic estimated from ``count`` values per channel and
+    its population value, if those values were independent draws with per-channel ``std``.
+
+    Mean: each channel's estimate deviates with variance std^2 / count; std: about
+    std^2 / (2 count). Real activations are spatially correlated, so their statistics
+    fluctuate more than this: as a slack margin (DSG) it is a conservative, model-derived
+    scale, multiplied by ``SynthesisConfig.slack``.
+    """
+    variance = std.pow(2) / (count * (2.0 if of_std else 1.0))
+    if kind is Distance.MSE:
+        return float(variance.mean())
+    return float(math.sqrt(float(variance.sum())))
+
+
+def _slacked(value: torch.Tensor, margin: float) -> torch.Tensor:
+    return F.relu(value - margin) if margin > 0 else value
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Random choices fixed for one batch: emphasized layer per sample, random labels."""
+
+    emphasized_layer: torch.Tensor  # (N,) layer index per sample
+    labels: torch.Tensor  # (N,)
+
+
+def plan_batch(
+    size: int, num_layers: int, num_classes: int, generator: torch.Generator
+) -> BatchPlan:
+    return BatchPlan(
+        emphasized_layer=torch.randint(0, max(num_layers, 1), (size,), generator=generator),
+        labels=torch.randint(0, num_classes, (size,), generator=generator),
+    )
+
+
+def bn_loss_terms(
+    stats: list[BNStatistics],
+    targets: list[BNTarget],
+    config: SynthesisConfig,
+    plan: BatchPlan,
+) -> dict[str, torch.Tensor]:
+    """Batch and per-sample statistics terms, summed over layers."""
+    kind = config.bn_distance
+    terms: dict[str, torch.Tensor] = {}
+    if config.bn_batch_weight > 0:
+        total = stats[0].batch_mean.new_zeros(())
+        for stat, target in zip(stats, targets, strict=True):
+            count = stat.positions * stat.sample_mean.shape[0]
+            margin_mean = config.slack * expected_deviation(target.std, count, kind, False)
+            margin_std = config.slack * expected_deviation(target.std, count, kind, True)
+            total = total + _slacked(distance(stat.batch_mean, target.mean, kind), margin_mean)
+            total = total + _slacked(distance(stat.batch_std, target.std, kind), margin_std)
+        terms["bn_batch"] = total
+    if config.bn_sample_weight > 0:
+        per_layer = []
+        for stat, target in zip(stats, targets, strict=True):
+            margin_mean = config.slack * expected_deviation(target.std, stat.positions, kind, False)
+            margin_std = config.slack * expected_deviation(target.std, stat.positions, kind, True)
+            per_layer.append(
+                _slacked(distance(stat.sample_mean, target.mean, kind), margin_mean)
+                + _slacked(distance(stat.sample_std, target.std, kind), margin_std)
+            )
+        losses = torch.stack(per_layer, dim=1)  # (N, layers)
+        sample_term = losses.sum(1).mean()
+        if config.layer_emphasis > 0:
+            chosen = losses.gather(1, plan.emphasized_layer.to(losses.device)[:, None])
+            sample_term = sample_term + config.layer_emphasis * chosen.mean()
+        terms["bn_sample"] = sample_term
+    return terms
+
+
+def input_prior(z: torch.Tensor, kind: Distance) -> torch.Tensor:
+    """Each sample's per-channel mean and std in normalized space pulled to 0 and 1."""
+    var, mean = torch.var_mean(z.flatten(2), dim=2, correction=0)
+    std = torch.sqrt(var + 1e-8)
+    return (
+        distance(mean, torch.zeros_like(mean), kind) + distance(std, torch.ones_like(std), kind)
+    ).mean()
+
+
+def decorrelation(features: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine similarity between different samples' features."""
+    flat = F.normalize(features.flatten(1), dim=1)
+    similarity = flat @ flat.T
+    n = similarity.shape[0]
+    if n < 2:
+        return similarity.new_zeros(())
+    off_diagonal = similarity - torch.diag_embed(torch.diagonal(similarity))
+    return off_diagonal.pow(2).sum() / (n * (n - 1))
+
+
+def total_objective(
+    config: SynthesisConfig,
+    stats: list[BNStatistics],
+    targets: list[BNTarget],
+    z: torch.Tensor,
+    logits: torch.Tensor,
+    features: torch.Tensor | None,
+    plan: BatchPlan,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted objective and its unweighted terms (for logging)."""
+    terms = bn_loss_terms(stats, targets, config, plan) if stats else {}
+    weights = {"bn_batch": config.bn_batch_weight, "bn_sample": config.bn_sample_weight}
+    if config.input_prior_weight > 0:
+        terms["input"] = input_prior(z, config.bn_distance)
+        weights["input"] = config.input_prior_weight
+    if config.decorrelation_weight > 0 and features is not None:
+        terms["decorrelation"] = decorrelation(features)
+        weights["decorrelation"] = config.decorrelation_weight
+    if config.output_weight > 0:
+        terms["output"] = F.cross_entropy(logits, plan.labels.to(logits.device))
+        weights["output"] = config.output_weight
+    if not terms:
+        raise ValueError("the synthesis objective has no active term; set a weight above 0")
+    total = sum(weights[name] * value for name, value in terms.items())
+    assert isinstance(total, torch.Tensor)
+    return total, {name: float(value.detach()) for name, value in terms.items()}
