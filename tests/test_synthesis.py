@@ -196,7 +196,7 @@ def test_corrupted_files_are_reported_and_repaired(bn_model, tmp_path):
 
 def test_model_without_batchnorm_names_the_presets_that_work(tmp_path):
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
-    with pytest.raises(UnsupportedModelError, match="no BatchNorm.*noise") as info:
+    with pytest.raises(UnsupportedModelError, match=r"no BatchNorm.*noise") as info:
         run(model, "zeroq", cache_dir=tmp_path / "c")
     assert not (tmp_path / "c").exists()
     assert "noise" in str(info.value)
