@@ -24,8 +24,7 @@ from zsq_plugins.synthesis import (
     get_preset,
 )
 from zsq_plugins.synthesis import engine as engine_module
-from zsq_plugins.synthesis.hooks import BNStatisticsCapture
-from zsq_plugins.synthesis.model_info import batchnorm_layers
+from zsq_plugins.synthesis.diagnostics import bn_statistics_loss
 from zsq_plugins.zoo._layers import Normalize
 
 SHAPE = (1, 8, 8)
@@ -60,18 +59,6 @@ def bn_model() -> nn.Module:
 def run(model, preset, n=10, seed=0, **kwargs):
     options = {**FAST, **kwargs}
     return synthesize(model, n, preset, seed, input_shape=SHAPE, progress=False, **options)
-
-
-def bn_statistics_loss(model: nn.Module, images: torch.Tensor) -> float:
-    """Squared error of batch statistics against BN running statistics, summed over layers."""
-    capture = BNStatisticsCapture(batchnorm_layers(model))
-    with torch.no_grad(), capture:
-        model(images)
-    total = 0.0
-    for stat, target in zip(capture.collected(), capture.targets, strict=True):
-        total += float((stat.batch_mean - target.mean).pow(2).mean())
-        total += float((stat.batch_std - target.std).pow(2).mean())
-    return total
 
 
 def test_presets_are_registered_with_both_budgets():

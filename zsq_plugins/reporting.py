@@ -119,3 +119,26 @@ def replace_generated_section(path: str | os.PathLike[str], name: str, content: 
     if not (found_begin and found_end):
         raise ValueError(f"{path} has no '{begin}' ... '{end}' section")
     write_text_atomic(path, f"{head}{begin}\n{content.strip()}\n{end}{tail}")
+
+
+def save_image_grid(
+    images: torch.Tensor, path: str | os.PathLike[str], columns: int = 8, scale: int = 2
+) -> None:
+    """Saves images (N, C, H, W) in [0, 1] as one PNG grid (values outside are clipped)."""
+    from PIL import Image
+
+    n, channels, height, width = images.shape
+    rows = -(-n // columns)
+    grid = torch.ones(channels, rows * (height + 1) + 1, columns * (width + 1) + 1)
+    for index in range(n):
+        row, column = divmod(index, columns)
+        top, left = 1 + row * (height + 1), 1 + column * (width + 1)
+        grid[:, top : top + height, left : left + width] = images[index].clamp(0, 1)
+    array = (grid.permute(1, 2, 0).squeeze(-1) * 255).round().to(torch.uint8).numpy()
+    picture = Image.fromarray(array)
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    picture.save(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,225 @@
+"""Generators benchmark: cost, BN-statistics fit, range realism and plain-calibration accuracy.
+
+    python benchmarks/generators.py                      # full run (both models, all presets)
+    python benchmarks/generators.py --paper-budget       # add genie's paper budget on 256 images
+    python benchmarks/generators.py --models resnet20_fmnist --num-samples 256   # quicker
+
+For each model and data source (noise, every BN preset, and 1024 real training images), it
+quantizes with the reference simulator (zsq_plugins.quant.reference: BN folded, per-channel
+weights, per-tensor activations, first/last layer 8-bit) at W8A8, W4A8, W4A4 and W3A3 with
+min-max and with MSE-optimal activation ranges, and evaluates on the 10k test images.
+Generated sets are cached (and resumed) under --cache-dir.
+
+Writes docs/results/generators.json, docs/results/generators.md and a PNG grid of samples
+per model (docs/results/generators_samples_<model>.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zsq_plugins import QuantSpec, evaluate, synthesize, zoo
+from zsq_plugins.datasets import calibration_subset, fashion_mnist
+from zsq_plugins.quant.reference import activation_ranges, reference_quantize
+from zsq_plugins.reporting import (
+    environment_footer,
+    environment_info,
+    markdown_table,
+    peak_rss_mib,
+    save_image_grid,
+    write_json,
+    write_text_atomic,
+)
+from zsq_plugins.synthesis.diagnostics import bn_statistics_loss
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+SPECS = ("W8A8", "W4A8", "W4A4", "W3A3")
+RANGE_METHODS = ("minmax", "mse")
+log = logging.getLogger("benchmarks.generators")
+
+
+def range_realism(
+    ranges: dict[str, tuple[float, float]], real: dict[str, tuple[float, float]]
+) -> dict[str, Any]:
+    """Per layer, log2 of (calibrated range width / real-data range width)."""
+    logs = {
+        name: math.log2(max(high - low, 1e-12) / max(real[name][1] - real[name][0], 1e-12))
+        for name, (low, high) in ranges.items()
+    }
+    return {
+        "per_layer_log2_ratio": logs,
+        "mean_abs_log2_ratio": statistics.fmean(abs(v) for v in logs.values()),
+        "median_ratio": 2 ** statistics.median(logs.values()),
+        "max_ratio": 2 ** max(logs.values()),
+    }
+
+
+def generate(model_name: str, preset: str, args: argparse.Namespace, budget: str, n: int):
+    model = zoo.load(model_name)
+    cache = args.cache_dir / model_name / f"{preset}-{budget}-n{n}-seed{args.seed}"
+    started = time.perf_counter()
+    data = synthesize(
+        model, n, preset, args.seed, budget=budget, cache_dir=cache, progress=not args.no_progress
+    )
+    shards = data.manifest["shards"]
+    seconds = sum(s.get("seconds", 0.0) for s in shards)
+    losses = [s["final_loss"] for s in shards if s.get("final_loss") is not None]
+    return data.images, {
+        "preset": preset,
+        "budget": budget,
+        "num_samples": n,
+        "generation_s": round(seconds, 2),
+        "images_per_s": round(n / seconds, 2) if seconds > 0 else None,
+        "final_loss": statistics.fmean(losses) if losses else None,
+        "wall_s_this_run": round(time.perf_counter() - started, 2),
+        "config": data.manifest["identity"]["config"],
+    }
+
+
+def accuracy_grid(model_name: str, images: torch.Tensor, test_set, progress: bool):
+    model = zoo.load(model_name)
+    cells = {}
+    for label in SPECS:
+        for method in RANGE_METHODS:
+            quantized = reference_quantize(model, QuantSpec.parse(label), images, method)
+            result = evaluate(quantized, test_set, progress=progress, description=label)
+            cells[f"{label}/{method}"] = result.top1
+    return cells
+
+
+def run_model(model_name: str, args: argparse.Namespace, test_set) -> dict[str, Any]:
+    model = zoo.load(model_name)
+    real = calibration_subset(args.num_samples, seed=args.seed)
+    real_ranges = activation_ranges(model, real)
+    sources: dict[str, torch.Tensor] = {"real": real}
+    rows = [{"source": "real", "bn_loss": bn_statistics_loss(model, real)}]
+    for preset in args.presets:
+        log.info("%s: generating %d images with %s", model_name, args.num_samples, preset)
+        images, info = generate(model_name, preset, args, args.budget, args.num_samples)
+        sources[preset] = images
+        info["source"] = preset
+        info["bn_loss"] = bn_statistics_loss(model, images)
+        rows.append(info)
+    for row in rows:
+        images = sources[row["source"]]
+        realism = range_realism(activation_ranges(model, images), real_ranges)
+        row["range_realism"] = realism
+        row["range_mean_abs_log2"] = realism["mean_abs_log2_ratio"]
+        row["range_median_ratio"] = realism["median_ratio"]
+        row["range_max_ratio"] = realism["max_ratio"]
+        row["accuracy"] = accuracy_grid(model_name, images, test_set, not args.no_progress)
+        log.info("%s %s: %s", model_name, row["source"], row["accuracy"])
+    grid = torch.cat([sources[name][:8] for name in sources])
+    save_image_grid(grid, RESULTS / f"generators_samples_{model_name}.png", columns=8)
+    result = {"model": model_name, "fp32_top1": zoo.card(model_name).published_top1, "rows": rows}
+    if args.paper_budget and "genie" in args.presets:
+        result["budget_comparison"] = budget_comparison(model_name, args, test_set)
+    return result
+
+
+def budget_comparison(model_name: str, args: argparse.Namespace, test_set) -> list[dict]:
+    """Genie at the CPU and the paper budget on the same 256-image subset."""
+    rows = []
+    for budget in ("cpu", "paper"):
+        images, info = generate(model_name, "genie", args, budget, args.paper_subset)
+        cells = accuracy_grid(model_name, images, test_set, not args.no_progress)
+        rows.append({**info, "accuracy": cells})
+    return rows
+
+
+def render(record: dict[str, Any]) -> str:
+    out = ["# Generators benchmark (generated)\n"]
+    out.append(
+        f"{record['num_samples']} images per source, seed {record['seed']}, `{record['budget']}` "
+        "budget; reference simulator (BN folded, per-channel symmetric weights, per-tensor "
+        "asymmetric activations, first/last layer 8-bit); top-1 on the 10k test set.\n"
+    )
+    for model in record["models"]:
+        name = model["model"]
+        out.append(f"\n## {name} (FP32 {model['fp32_top1']:.2f}%)\n")
+        out.append("\n### Cost and fit\n\n")
+        out.append(
+            markdown_table(
+                model["rows"],
+                {
+                    "source": "source",
+                    "generation_s": "generation (s)",
+                    "images_per_s": "images/s",
+                    "final_loss": "final objective",
+                    "bn_loss": "BN-statistics loss",
+                    "range_median_ratio": "median range ratio",
+                    "range_max_ratio": "max range ratio",
+                    "range_mean_abs_log2": "mean abs log2 range ratio",
+                },
+                digits=4,
+            )
+        )
+        for method in RANGE_METHODS:
+            out.append(f"\n### Top-1 (%) with {method} activation ranges\n\n")
+            rows = [{"source": r["source"], **{s: r["accuracy"][f"{s}/{method}"] for s in SPECS}}
+                    for r in model["rows"]]  # fmt: skip
+            out.append(markdown_table(rows, ["source", *SPECS]))
+        if "budget_comparison" in model:
+            out.append("\n### genie: CPU budget vs paper budget (256 images)\n\n")
+            rows = [{"budget": r["budget"], "iterations": r["config"]["iterations"],
+                     "generation_s": r["generation_s"],
+                     **{k: v for k, v in r["accuracy"].items()}}
+                    for r in model["budget_comparison"]]  # fmt: skip
+            columns = ["budget", "iterations", "generation_s", *rows[0].keys() - {"budget"}]
+            out.append(markdown_table(rows, list(dict.fromkeys(columns))))
+        out.append(f"\n![samples](generators_samples_{name}.png)\n\nRows of the picture: "
+                   f"{', '.join(r['source'] for r in model['rows'])}.\n")  # fmt: skip
+    out.append(
+        "\nRange ratio: width of a layer's min-max input range on the source divided by its "
+        "width on the real images (1 is perfect); BN-statistics loss: squared error of batch "
+        "statistics against the BN running statistics, summed over layers, batches of 128.\n"
+    )
+    out.append(environment_footer(record["environment"]))
+    return "".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet20_fmnist", "mobilenetv2_fmnist"])
+    parser.add_argument("--presets", nargs="+", default=["noise", "zeroq", "dsg", "genie"])
+    parser.add_argument("--num-samples", type=int, default=1024)
+    parser.add_argument("--budget", default="cpu", choices=["cpu", "paper"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--paper-budget", action="store_true")
+    parser.add_argument("--paper-subset", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "synthetic")
+    parser.add_argument("--output", default="generators")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    test_set = fashion_mnist("test")
+    models = [run_model(name, args, test_set) for name in args.models]
+    record = {
+        "benchmark": "generators",
+        "num_samples": args.num_samples,
+        "budget": args.budget,
+        "seed": args.seed,
+        "environment": environment_info(),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "models": models,
+    }
+    write_json(RESULTS / f"{args.output}.json", record)
+    write_text_atomic(RESULTS / f"{args.output}.md", render(record))
+    print(render(record))
+
+
+if __name__ == "__main__":
+    main()
