@@ -1,0 +1,313 @@
+"""The torch.ao FX adapter (toolkit name ``fx``).
+
+The model's BatchNorm is folded first, then ``prepare_qat_fx`` inserts FakeQuantize modules
+for weights (per channel) and activations (per tensor), so that a WxAy model is simulated in
+full; ``.eval()`` keeps it a deterministic fake-quantized model. Calibration is torch.ao's own:
+observers on, fake quantization off, a loop over the DataLoader, then the reverse.
+
+Two graph fixes after ``prepare_qat_fx`` (ENVIRONMENT.md measured both costing accuracy):
+- bit widths follow the consumer: an activation quantizer feeding an 8-bit layer (the first
+  conv, the last linear) or the model's output is 8-bit, every other one has ``act_bits``
+  (FX sizes it by the producer's qconfig and shares it through pooling and flattening);
+- a fake-quant between a layer and the ReLU/ReLU6/Hardtanh that consumes it is dropped when
+  the activation's output is fake-quantized too (FX does not fuse conv-ReLU6 and would
+  otherwise quantize the pre-activation, negatives included, on the same grid).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zsq_plugins.adapter import QuantizedModel, QuantizerKind
+from zsq_plugins.quant.fold import fold_batchnorm, trace
+from zsq_plugins.quant.reference import eight_bit_layers, quantizable_layers
+from zsq_plugins.spec import Granularity, QuantSpec, Symmetry
+from zsq_plugins.zoo._layers import Normalize
+
+CLAMP_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+CLAMP_FUNCTIONS = (torch.relu, nn.functional.relu, nn.functional.relu6, nn.functional.hardtanh)
+
+
+def _ao():
+    """torch.ao.quantization, imported with its deprecation warning silenced on purpose."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import torch.ao.quantization as ao
+        import torch.ao.quantization.quantize_fx as quantize_fx
+    return ao, quantize_fx
+
+
+def activation_fake_quant(bits: int, symmetric: bool):
+    ao, _ = _ao()
+    if symmetric:
+        qmin, qmax, dtype = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, torch.qint8
+        scheme = torch.per_tensor_symmetric
+    else:
+        qmin, qmax, dtype, scheme = 0, 2**bits - 1, torch.quint8, torch.per_tensor_affine
+    return ao.FakeQuantize.with_args(
+        observer=ao.MinMaxObserver, quant_min=qmin, quant_max=qmax, dtype=dtype, qscheme=scheme
+    )
+
+
+def weight_fake_quant(bits: int, spec: QuantSpec):
+    ao, _ = _ao()
+    symmetric = spec.weight_symmetry is Symmetry.SYMMETRIC
+    per_channel = spec.weight_granularity is Granularity.PER_CHANNEL
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if per_channel:
+        scheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
+        return ao.FakeQuantize.with_args(
+            observer=ao.PerChannelMinMaxObserver, quant_min=qmin, quant_max=qmax,
+            dtype=torch.qint8, qscheme=scheme, ch_axis=0,
+        )  # fmt: skip
+    scheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
+    return ao.FakeQuantize.with_args(
+        observer=ao.MinMaxObserver, quant_min=qmin, quant_max=qmax, dtype=torch.qint8,
+        qscheme=scheme,
+    )  # fmt: skip
+
+
+def _qconfig(weight_bits: int, act_bits: int, spec: QuantSpec):
+    ao, _ = _ao()
+    return ao.QConfig(
+        activation=activation_fake_quant(act_bits, spec.act_symmetry is Symmetry.SYMMETRIC),
+        weight=weight_fake_quant(weight_bits, spec),
+    )
+
+
+class FakeQuantizeHandle:
+    """A torch.ao FakeQuantize seen through the QuantizerHandle protocol."""
+
+    def __init__(self, layer: str, kind: QuantizerKind, module: nn.Module) -> None:
+        self._layer, self._kind, self._module = layer, kind, module
+
+    @property
+    def layer(self) -> str:
+        return self._layer
+
+    @property
+    def kind(self) -> QuantizerKind:
+        return self._kind
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    @property
+    def quant_min(self) -> int:
+        return int(self._module.quant_min)
+
+    @property
+    def quant_max(self) -> int:
+        return int(self._module.quant_max)
+
+    @property
+    def bits(self) -> int:
+        return round(math.log2(self.quant_max - self.quant_min + 1))
+
+    @property
+    def axis(self) -> int | None:
+        per_channel = self._module.qscheme in (
+            torch.per_channel_symmetric,
+            torch.per_channel_affine,
+        )
+        return int(self._module.ch_axis) if per_channel else None
+
+    def scale(self) -> torch.Tensor:
+        return self._module.scale.detach().clone()
+
+    def set_scale(self, value: torch.Tensor) -> None:
+        self._module.scale = value.detach().to(self._module.scale).reshape(self._module.scale.shape)
+
+    def zero_point(self) -> torch.Tensor:
+        return self._module.zero_point.detach().clone()
+
+    def set_zero_point(self, value: torch.Tensor) -> None:
+        current = self._module.zero_point
+        self._module.zero_point = torch.round(value.detach()).to(current).reshape(current.shape)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._module.fake_quant_enabled[0])
+
+    def set_enabled(self, enabled: bool) -> None:
+        self._module.enable_fake_quant(enabled)
+
+    def __repr__(self) -> str:
+        return f"FakeQuantizeHandle({self.layer!r}, {self.kind.value}, {self.bits} bits)"
+
+
+def _is_fake_quant(graph_module: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    ao, _ = _ao()
+    if node.op != "call_module":
+        return False
+    return isinstance(graph_module.get_submodule(node.target), ao.FakeQuantizeBase)
+
+
+def _is_clamp_activation(graph_module: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(graph_module.get_submodule(node.target), CLAMP_ACTIVATIONS)
+    return node.op == "call_function" and node.target in CLAMP_FUNCTIONS
+
+
+def drop_pre_activation_quantizers(graph_module: torch.fx.GraphModule) -> int:
+    """Removes fake-quants whose only user is a clamp activation that is fake-quantized."""
+    dropped = 0
+    for node in list(graph_module.graph.nodes):
+        if not _is_fake_quant(graph_module, node) or len(node.users) != 1:
+            continue
+        (activation,) = node.users
+        if not _is_clamp_activation(graph_module, activation):
+            continue
+        if all(_is_fake_quant(graph_module, user) for user in activation.users):
+            node.replace_all_uses_with(node.args[0])
+            graph_module.graph.erase_node(node)
+            dropped += 1
+    graph_module.delete_all_unused_submodules()
+    graph_module.recompile()
+    return dropped
+
+
+def set_activation_bits(
+    graph_module: torch.fx.GraphModule, eight_bit: set[str], spec: QuantSpec
+) -> None:
+    """Gives each activation fake-quant the bit width of its consumers (8 for 8-bit layers and
+    the output, else act_bits); a quantizer shared under several names is split."""
+    symmetric = spec.act_symmetry is Symmetry.SYMMETRIC
+    for node in graph_module.graph.nodes:
+        if not _is_fake_quant(graph_module, node):
+            continue
+        feeds_8bit = any(
+            user.op == "output" or (user.op == "call_module" and user.target in eight_bit)
+            for user in node.users
+        )
+        bits = 8 if feeds_8bit else spec.act_bits
+        current = graph_module.get_submodule(node.target)
+        if round(math.log2(current.quant_max - current.quant_min + 1)) != bits:
+            setattr(graph_module, node.target, activation_fake_quant(bits, symmetric)())
+
+
+def _producer(node: torch.fx.Node) -> str:
+    source = node.args[0]
+    if not isinstance(source, torch.fx.Node):
+        return node.name
+    if source.op == "call_module":
+        return str(source.target)
+    if source.op == "placeholder":
+        return "input"
+    return source.name
+
+
+class TorchFXAdapter:
+    """torch.ao.quantization FX graph mode (``prepare_qat_fx`` / ``convert_fx``)."""
+
+    name = "fx"
+    requires = ("torch.ao.quantization",)
+    pip_extra = None
+
+    def quantize(
+        self,
+        model: nn.Module,
+        spec: QuantSpec,
+        calibration: Iterable[torch.Tensor],
+        example_input: torch.Tensor,
+    ) -> QuantizedModel:
+        ao, quantize_fx = _ao()
+        from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+
+        prepared_input = (
+            fold_batchnorm(model) if spec.fold_batchnorm else trace(copy.deepcopy(model))
+        )
+        layers = quantizable_layers(prepared_input)
+        eight_bit = eight_bit_layers(layers, spec)
+        mapping = ao.QConfigMapping().set_global(_qconfig(spec.weight_bits, spec.act_bits, spec))
+        for name in eight_bit:
+            mapping.set_module_name(name, _qconfig(8, 8, spec))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # Input normalization stays one module, so its output quantizer is named after it.
+            custom = PrepareCustomConfig().set_non_traceable_module_classes([Normalize])
+            prepared = quantize_fx.prepare_qat_fx(
+                prepared_input.train(),
+                mapping,
+                example_inputs=(example_input,),
+                prepare_custom_config=custom,
+            )
+        prepared.eval()
+        dropped = drop_pre_activation_quantizers(prepared)
+        set_activation_bits(prepared, eight_bit, spec)
+        calibrate(prepared, calibration)
+        handles = collect_handles(prepared)
+        return QuantizedModel(
+            toolkit=self.name,
+            model=prepared,
+            spec=spec,
+            handles=handles,
+            report={
+                "dropped_pre_activation_quantizers": dropped,
+                "eight_bit_layers": sorted(eight_bit),
+            },
+        )
+
+    def convert(self, quantized: QuantizedModel) -> nn.Module:
+        """torch.ao's ``convert_fx``: real int8 kernels when every quantizer is 8-bit."""
+        _, quantize_fx = _ao()
+        if any(handle.bits != 8 for handle in quantized.handles):
+            raise ValueError(
+                "convert_fx produces int8 kernels; this model has quantizers below 8 bits. "
+                "Keep the fake-quantized model (quantized.model) for simulation."
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return quantize_fx.convert_fx(copy.deepcopy(quantized.model))
+
+    def export_onnx(
+        self, quantized: QuantizedModel, path: str | Path, example_input: torch.Tensor
+    ) -> Path:
+        path = Path(path)
+        torch.onnx.export(
+            quantized.model, (example_input,), str(path), dynamo=False, opset_version=13,
+            input_names=["input"], output_names=["logits"],
+        )  # fmt: skip
+        return path
+
+
+def calibrate(prepared: nn.Module, calibration: Iterable[torch.Tensor]) -> None:
+    """torch.ao's calibration: observers on and fake quantization off over the data."""
+    ao, _ = _ao()
+    prepared.apply(ao.enable_observer)
+    prepared.apply(ao.disable_fake_quant)
+    seen = 0
+    with torch.no_grad():
+        for batch in calibration:
+            images = batch[0] if isinstance(batch, tuple | list) else batch
+            prepared(images)
+            seen += len(images)
+    if seen == 0:
+        raise ValueError("the calibration data yielded no batch")
+    prepared.apply(ao.disable_observer)
+    prepared.apply(ao.enable_fake_quant)
+
+
+def collect_handles(prepared: torch.fx.GraphModule) -> list[FakeQuantizeHandle]:
+    handles: list[FakeQuantizeHandle] = []
+    seen: set[int] = set()
+    for node in prepared.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = prepared.get_submodule(node.target)
+        weight_quant = getattr(module, "weight_fake_quant", None)
+        if weight_quant is not None and id(weight_quant) not in seen:
+            seen.add(id(weight_quant))
+            handles.append(FakeQuantizeHandle(node.target, QuantizerKind.WEIGHT, weight_quant))
+        elif _is_fake_quant(prepared, node) and id(module) not in seen:
+            seen.add(id(module))
+            handles.append(FakeQuantizeHandle(_producer(node), QuantizerKind.ACTIVATION, module))
+    return handles

@@ -1,0 +1,168 @@
+"""The seam between the core and a quantization toolkit: adapters and quantizer handles.
+
+An adapter (DESIGN.md rules 1-3) builds the toolkit's own quantized model for a QuantSpec,
+calibrates it with our data in the toolkit's native way, exposes every quantizer as a
+``QuantizerHandle`` named after the FP model's modules, and exports ONNX. The algorithms
+(synthesis, reconstruction, clipping) live in the core and reach the toolkit's model only
+through these handles.
+
+Adapters register in the ``zsq_plugins.adapters`` entry-point group; ``get_adapter(name)``
+finds them, and imports a toolkit only when its adapter is asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Iterable
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from zsq_plugins.errors import MissingDependencyError
+from zsq_plugins.registry import ADAPTERS_GROUP, Registry
+from zsq_plugins.spec import QuantSpec
+
+
+class QuantizerKind(str, Enum):
+    WEIGHT = "weight"
+    ACTIVATION = "activation"
+
+
+@runtime_checkable
+class QuantizerHandle(Protocol):
+    """One quantizer of a toolkit's model, readable and writable by the core.
+
+    ``layer`` is the FP model's module name the quantizer belongs to: for a weight quantizer,
+    the conv/linear whose weight it quantizes; for an activation quantizer, the module whose
+    output it quantizes (``"input"`` for the model's input). ``module`` is the toolkit's
+    quantizer module itself, so that the core can hook it.
+    """
+
+    @property
+    def layer(self) -> str: ...
+
+    @property
+    def kind(self) -> QuantizerKind: ...
+
+    @property
+    def module(self) -> nn.Module: ...
+
+    @property
+    def bits(self) -> int: ...
+
+    @property
+    def quant_min(self) -> int: ...
+
+    @property
+    def quant_max(self) -> int: ...
+
+    @property
+    def axis(self) -> int | None:
+        """The per-channel axis of scale and zero point, or None for per-tensor."""
+
+    def scale(self) -> torch.Tensor: ...
+
+    def set_scale(self, value: torch.Tensor) -> None: ...
+
+    def zero_point(self) -> torch.Tensor: ...
+
+    def set_zero_point(self, value: torch.Tensor) -> None: ...
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def set_enabled(self, enabled: bool) -> None: ...
+
+
+@dataclasses.dataclass
+class QuantizedModel:
+    """A toolkit-native quantized model and the handles of its quantizers."""
+
+    toolkit: str
+    model: nn.Module
+    spec: QuantSpec
+    handles: list[QuantizerHandle]
+    report: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def weight_handles(self) -> list[QuantizerHandle]:
+        return [h for h in self.handles if h.kind is QuantizerKind.WEIGHT]
+
+    def activation_handles(self) -> list[QuantizerHandle]:
+        return [h for h in self.handles if h.kind is QuantizerKind.ACTIVATION]
+
+    def handle(self, layer: str, kind: QuantizerKind | str) -> QuantizerHandle:
+        kind = QuantizerKind(kind)
+        for candidate in self.handles:
+            if candidate.layer == layer and candidate.kind is kind:
+                return candidate
+        known = sorted({h.layer for h in self.handles if h.kind is kind})
+        raise KeyError(f"no {kind.value} quantizer for {layer!r}; layers with one: {known}")
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """What a toolkit adapter provides."""
+
+    name: str
+    """The toolkit name used by ``apply(model, toolkit=name)``."""
+    requires: tuple[str, ...]
+    """Importable modules the adapter needs (checked before it is used)."""
+    pip_extra: str | None
+    """The zsq-plugins extra that installs them."""
+
+    def quantize(
+        self,
+        model: nn.Module,
+        spec: QuantSpec,
+        calibration: Iterable[torch.Tensor],
+        example_input: torch.Tensor,
+    ) -> QuantizedModel:
+        """Builds the toolkit's quantized model for ``spec`` (BN folded first) and calibrates
+        it with the batches of ``calibration`` in the toolkit's own way."""
+
+    def export_onnx(
+        self, quantized: QuantizedModel, path: str | Path, example_input: torch.Tensor
+    ) -> Path:
+        """Writes a QDQ/QCDQ ONNX file that onnxruntime runs."""
+
+
+ADAPTERS: Registry[Any] = Registry("toolkit adapter", ADAPTERS_GROUP)
+
+
+def missing_requirements(adapter: Adapter) -> list[str]:
+    return [name for name in adapter.requires if importlib.util.find_spec(name) is None]
+
+
+def get_adapter(name: str) -> Adapter:
+    """The adapter registered as ``name``, checked to be usable; clear errors otherwise."""
+    factory = ADAPTERS.get(name)
+    adapter = factory() if isinstance(factory, type) else factory
+    if not isinstance(adapter, Adapter):
+        raise TypeError(
+            f"adapter {name!r} ({type(adapter).__name__}) does not implement the Adapter "
+            "protocol (name, requires, pip_extra, quantize, export_onnx)"
+        )
+    missing = missing_requirements(adapter)
+    if missing:
+        extra = f"pip install 'zsq-plugins[{adapter.pip_extra}]'" if adapter.pip_extra else ""
+        raise MissingDependencyError(
+            f"the {name!r} adapter needs {', '.join(missing)}, which is not installed"
+            + (f"; install it with: {extra}" if extra else "")
+        )
+    return adapter
+
+
+def installed_adapters() -> list[str]:
+    """Names of registered adapters whose toolkit is installed."""
+    names = []
+    for name in ADAPTERS.names():
+        try:
+            get_adapter(name)
+        except (MissingDependencyError, TypeError, ImportError):
+            continue
+        names.append(name)
+    return names
