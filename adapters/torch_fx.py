@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from zsq_plugins.adapter import QuantizedModel, QuantizerKind
+from zsq_plugins.quant.export import ContainerFakeQuantize
 from zsq_plugins.quant.fold import fold_batchnorm, trace
 from zsq_plugins.quant.reference import eight_bit_layers, quantizable_layers
 from zsq_plugins.spec import Granularity, QuantSpec, Symmetry
@@ -271,12 +272,35 @@ class TorchFXAdapter:
     def export_onnx(
         self, quantized: QuantizedModel, path: str | Path, example_input: torch.Tensor
     ) -> Path:
+        """QDQ ONNX (opset 13); quantizers below 8 bits become QDQ + Clip (quant.export)."""
         path = Path(path)
-        torch.onnx.export(
-            quantized.model, (example_input,), str(path), dynamo=False, opset_version=13,
-            input_names=["input"], output_names=["logits"],
-        )  # fmt: skip
+        exported = copy.deepcopy(quantized.model)
+        for handle in collect_handles(exported):
+            if not handle.enabled:
+                replacement: nn.Module = nn.Identity()
+            else:
+                replacement = ContainerFakeQuantize(
+                    handle.scale(), handle.zero_point(), handle.quant_min, handle.quant_max,
+                    handle.axis,
+                )  # fmt: skip
+            _replace_module(exported, handle.module, replacement)
+        exported.recompile()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                exported, (example_input,), str(path), dynamo=False, opset_version=13,
+                input_names=["input"], output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )  # fmt: skip
         return path
+
+
+def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Puts ``new`` wherever ``old`` is registered (shared modules have several names)."""
+    for name, module in list(root.named_modules(remove_duplicate=False)):
+        if module is old:
+            parent_name, _, attribute = name.rpartition(".")
+            setattr(root.get_submodule(parent_name) if parent_name else root, attribute, new)
 
 
 def calibrate(prepared: nn.Module, calibration: Iterable[torch.Tensor]) -> None:

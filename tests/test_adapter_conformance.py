@@ -173,3 +173,23 @@ def test_handle_round_trip_changes_output_as_the_math_says(name, kind):
     x2, y2 = _through(handle, run)
     torch.testing.assert_close(y2, _expected(handle, x2), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(y2, y)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+@pytest.mark.parametrize("label", ["W8A8", "W4A4"])
+def test_onnx_export_runs_in_onnxruntime_and_matches(name, label, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    quantized, data = quantize(name, tiny_model("relu6"), QuantSpec.parse(label))
+    adapter = _adapter_or_skip(name)
+    path = adapter.export_onnx(quantized, tmp_path / "model.onnx", data[0][:2])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = data[1]
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = quantized.model(x)
+    expected = _unwrap(expected)
+    # Float accumulation differs between runtimes, so a value may round to the neighbouring
+    # level of a quantizer now and then: allow a few percent of the output's range.
+    tolerance = 0.03 * float(expected.abs().max())
+    torch.testing.assert_close(torch.from_numpy(got), expected, atol=tolerance, rtol=0)
+    assert (torch.from_numpy(got).argmax(1) == expected.argmax(1)).float().mean() >= 0.9
