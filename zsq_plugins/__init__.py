@@ -1,6 +1,7 @@
 """zsq-plugins: zero-shot post-training quantization for existing quantization toolkits."""
 
 from zsq_plugins import zoo
+from zsq_plugins.api import ApplyReport, apply
 from zsq_plugins.errors import (
     CacheMismatchError,
     ChecksumMismatchError,
@@ -18,6 +19,7 @@ from zsq_plugins.synthesis import SyntheticDataset, calibration_loader, synthesi
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApplyReport",
     "CacheMismatchError",
     "ChecksumMismatchError",
     "DatasetNotFoundError",
@@ -32,6 +34,7 @@ __all__ = [
     "UnsupportedModelError",
     "ZSQError",
     "__version__",
+    "apply",
     "calibration_loader",
     "evaluate",
     "synthesize",

@@ -1,0 +1,79 @@
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import TinyConvNet
+from zsq_plugins import QuantSpec, apply
+from zsq_plugins.adapter import ADAPTERS
+from zsq_plugins.errors import MissingDependencyError, UnknownPluginError, UnsupportedModelError
+from zsq_plugins.zoo._layers import Normalize
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(Normalize((0.5,), (0.25,)), TinyConvNet()).eval()
+
+
+def test_zero_shot_apply_with_a_preset():
+    model = _model()
+    quantized, report = apply(
+        model, "fx", QuantSpec(weight_bits=4, act_bits=4), data="zeroq", num_samples=12,
+        input_shape=(1, 8, 8), iterations=5, batch_size=6, progress=False,
+    )  # fmt: skip
+    x = torch.rand(4, 1, 8, 8)
+    assert quantized(x).shape == (4, 4)
+    assert report.toolkit == "fx" and report.data == "zeroq" and report.num_samples == 12
+    assert set(report.timings_s) == {"data", "quantize_and_calibrate", "total"}
+    assert report.quantized.model is quantized
+    assert {h.bits for h in report.quantized.weight_handles()} == {4, 8}
+    assert report.to_dict()["spec"]["weight_bits"] == 4
+
+
+def test_apply_with_own_images():
+    model = _model()
+    images = torch.rand(20, 1, 8, 8)
+    quantized, report = apply(model, "fx", data=images)
+    assert report.data == "Tensor" and report.num_samples == 20
+    torch.testing.assert_close(quantized(images), model(images), atol=0.05, rtol=0)  # W8A8
+
+
+def test_unknown_toolkit_lists_installed_ones():
+    with pytest.raises(UnknownPluginError, match=r"unknown toolkit 'aimet'; installed: .*fx"):
+        apply(_model(), "aimet", data=torch.rand(4, 1, 8, 8))
+
+
+def test_toolkit_not_installed_names_the_extra(monkeypatch):
+    class Missing:
+        name, requires, pip_extra = "ghost", ("no_such_toolkit_xyz",), "ghost"
+
+        def quantize(self, *args):
+            raise AssertionError("never reached")
+
+        def export_onnx(self, *args):
+            raise AssertionError("never reached")
+
+    monkeypatch.setitem(ADAPTERS._items, "ghost", Missing)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'zsq-plugins\[ghost\]'"):
+        apply(_model(), "ghost", data=torch.rand(4, 1, 8, 8))
+
+
+def test_untraceable_model_names_the_cause():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            if x.mean() > 0.5:  # data-dependent control flow defeats torch.fx
+                x = x * 2
+            return self.conv(x).flatten(1)
+
+    with pytest.raises(UnsupportedModelError, match="cannot be traced"):
+        apply(Branchy(), "fx", data=torch.rand(4, 1, 8, 8))
+
+
+def test_reconstruction_is_refused_until_available():
+    with pytest.raises(ValueError, match="reconstruct"):
+        apply(_model(), "fx", data=torch.rand(4, 1, 8, 8), reconstruct="genie-m")

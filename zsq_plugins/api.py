@@ -1,0 +1,127 @@
+"""``zsq_plugins.apply``: zero-shot quantization of a model inside a chosen toolkit."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from zsq_plugins.adapter import ADAPTERS, QuantizedModel, get_adapter, installed_adapters
+from zsq_plugins.errors import UnknownPluginError
+from zsq_plugins.spec import QuantSpec
+from zsq_plugins.synthesis.api import calibration_loader, synthesize
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CALIBRATION_BATCH = 32
+
+
+@dataclasses.dataclass
+class ApplyReport:
+    """What ``apply`` did: settings, where the data came from, and how long each step took."""
+
+    toolkit: str
+    spec: QuantSpec
+    data: str
+    num_samples: int
+    seed: int
+    timings_s: dict[str, float]
+    quantized: QuantizedModel
+    """The toolkit's model with its quantizer handles."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "toolkit": self.toolkit,
+            "spec": self.spec.to_dict(),
+            "data": self.data,
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "timings_s": self.timings_s,
+            "quantizers": len(self.quantized.handles),
+            "adapter_report": self.quantized.report,
+        }
+
+
+def _calibration_batches(
+    model: nn.Module,
+    data: str | Dataset | DataLoader | torch.Tensor,
+    num_samples: int,
+    seed: int,
+    synthesis: dict[str, Any],
+) -> tuple[DataLoader, str, int]:
+    if isinstance(data, DataLoader):
+        return data, "DataLoader", len(data.dataset)  # type: ignore[arg-type]
+    if isinstance(data, str):
+        dataset = synthesize(model, num_samples, data, seed, **synthesis)
+        return calibration_loader(dataset, batch_size=DEFAULT_CALIBRATION_BATCH), data, len(dataset)
+    if synthesis:
+        raise TypeError(f"options {sorted(synthesis)} apply only when data is a preset name")
+    loader = calibration_loader(data, batch_size=DEFAULT_CALIBRATION_BATCH)
+    return loader, type(data).__name__, len(loader.dataset)  # type: ignore[arg-type]
+
+
+def apply(
+    model: nn.Module,
+    toolkit: str = "fx",
+    spec: QuantSpec | None = None,
+    data: str | Dataset | DataLoader | torch.Tensor = "genie",
+    num_samples: int = 1024,
+    reconstruct: str | None = None,
+    seed: int = 0,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    **synthesis: Any,
+) -> tuple[nn.Module, ApplyReport]:
+    """Quantizes ``model`` with ``toolkit`` (``fx``, ``nncf``, ``brevitas`` or a plugin's),
+    calibrated on ``data``: a generator preset name (synthesized for the model: zero-shot),
+    or your own Dataset, DataLoader or tensor of images.
+
+    Returns the toolkit-native quantized model and a report (settings, timings, and
+    ``report.quantized`` with the quantizer handles). ``synthesis`` options (``budget``,
+    ``iterations``...) go to ``synthesize`` when ``data`` is a preset name.
+    """
+    if reconstruct is not None:
+        raise ValueError(
+            f"reconstruct={reconstruct!r}: block reconstruction is not part of this version "
+            "yet; call apply with reconstruct=None"
+        )
+    spec = spec if spec is not None else QuantSpec()
+    if toolkit not in ADAPTERS:
+        raise UnknownPluginError(
+            f"unknown toolkit {toolkit!r}; installed: {', '.join(installed_adapters()) or 'none'}"
+            f" (registered: {', '.join(ADAPTERS.names())})"
+        )
+    adapter = get_adapter(toolkit)
+    model = model.eval()
+    started = time.perf_counter()
+    synthesis_options = {**synthesis}
+    if isinstance(data, str):
+        synthesis_options.update(cache_dir=cache_dir, progress=progress)
+    loader, source, count = _calibration_batches(model, data, num_samples, seed, synthesis_options)
+    data_ready = time.perf_counter()
+    first = next(iter(loader))
+    example_input = (first[0] if isinstance(first, tuple | list) else first)[:2]
+    quantized = adapter.quantize(model, spec, loader, example_input)
+    done = time.perf_counter()
+    report = ApplyReport(
+        toolkit=toolkit,
+        spec=spec,
+        data=source,
+        num_samples=count,
+        seed=seed,
+        timings_s={
+            "data": round(data_ready - started, 3),
+            "quantize_and_calibrate": round(done - data_ready, 3),
+            "total": round(done - started, 3),
+        },
+        quantized=quantized,
+    )
+    log.info("apply(%s, %s): %s", toolkit, spec.label, report.timings_s)
+    return quantized.model, report
