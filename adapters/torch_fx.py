@@ -266,7 +266,9 @@ class TorchFXAdapter:
                 "Keep the fake-quantized model (quantized.model) for simulation."
             )
         with warnings.catch_warnings():
+            # torch 2.13 deprecates torch.ao and its quantized tensors; converting is the point.
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions")
             return quantize_fx.convert_fx(copy.deepcopy(quantized.model))
 
     def export_onnx(

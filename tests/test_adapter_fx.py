@@ -1,0 +1,33 @@
+"""torch.ao FX specifics: real int8 kernels at W8A8, and the graph fixes at low bits."""
+
+import pytest
+import torch
+
+from tests.test_adapter_conformance import quantize, tiny_model
+from zsq_plugins import QuantSpec
+from zsq_plugins.adapter import get_adapter
+
+pytestmark = [pytest.mark.fx, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+
+def test_w8a8_converts_to_int8_kernels_that_match_the_simulation():
+    quantized, data = quantize("fx", tiny_model("relu6"), QuantSpec.parse("W8A8"))
+    converted = get_adapter("fx").convert(quantized)
+    kernels = {type(m).__module__ for m in converted.modules()}
+    assert any(k.startswith("torch.ao.nn.quantized") for k in kernels)
+    x = data[1]
+    with torch.no_grad():
+        simulated, real = quantized.model(x), converted(x)
+    step = quantized.activation_handles()[-1].scale().item()
+    assert (simulated - real).abs().max() <= 3 * step
+
+
+def test_low_bit_model_is_not_converted():
+    quantized, _ = quantize("fx", tiny_model("relu"), QuantSpec.parse("W4A8"))
+    with pytest.raises(ValueError, match="below 8 bits"):
+        get_adapter("fx").convert(quantized)
+
+
+def test_calibration_needs_data():
+    with pytest.raises(ValueError, match="no batch"):
+        get_adapter("fx").quantize(tiny_model("relu"), QuantSpec(), [], torch.rand(2, 1, 8, 8))
