@@ -65,14 +65,21 @@ def weight_fake_quant(bits: int, spec: QuantSpec):
     if per_channel:
         scheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
         return ao.FakeQuantize.with_args(
-            observer=ao.PerChannelMinMaxObserver, quant_min=qmin, quant_max=qmax,
-            dtype=torch.qint8, qscheme=scheme, ch_axis=0,
-        )  # fmt: skip
+            observer=ao.PerChannelMinMaxObserver,
+            quant_min=qmin,
+            quant_max=qmax,
+            dtype=torch.qint8,
+            qscheme=scheme,
+            ch_axis=0,
+        )
     scheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
     return ao.FakeQuantize.with_args(
-        observer=ao.MinMaxObserver, quant_min=qmin, quant_max=qmax, dtype=torch.qint8,
+        observer=ao.MinMaxObserver,
+        quant_min=qmin,
+        quant_max=qmax,
+        dtype=torch.qint8,
         qscheme=scheme,
-    )  # fmt: skip
+    )
 
 
 def _qconfig(weight_bits: int, act_bits: int, spec: QuantSpec):
@@ -282,18 +289,26 @@ class TorchFXAdapter:
                 replacement: nn.Module = nn.Identity()
             else:
                 replacement = ContainerFakeQuantize(
-                    handle.scale(), handle.zero_point(), handle.quant_min, handle.quant_max,
+                    handle.scale(),
+                    handle.zero_point(),
+                    handle.quant_min,
+                    handle.quant_max,
                     handle.axis,
-                )  # fmt: skip
+                )
             _replace_module(exported, handle.module, replacement)
         exported.recompile()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                exported, (example_input,), str(path), dynamo=False, opset_version=13,
-                input_names=["input"], output_names=["logits"],
+                exported,
+                (example_input,),
+                str(path),
+                dynamo=False,
+                opset_version=13,
+                input_names=["input"],
+                output_names=["logits"],
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            )  # fmt: skip
+            )
         return path
 
 

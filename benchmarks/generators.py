@@ -165,19 +165,28 @@ def render(record: dict[str, Any]) -> str:
         )
         for method in RANGE_METHODS:
             out.append(f"\n### Top-1 (%) with {method} activation ranges\n\n")
-            rows = [{"source": r["source"], **{s: r["accuracy"][f"{s}/{method}"] for s in SPECS}}
-                    for r in model["rows"]]  # fmt: skip
+            rows = [
+                {"source": r["source"], **{s: r["accuracy"][f"{s}/{method}"] for s in SPECS}}
+                for r in model["rows"]
+            ]
             out.append(markdown_table(rows, ["source", *SPECS]))
         if "budget_comparison" in model:
             out.append("\n### genie: CPU budget vs paper budget (256 images)\n\n")
-            rows = [{"budget": r["budget"], "iterations": r["config"]["iterations"],
-                     "generation_s": r["generation_s"],
-                     **{k: v for k, v in r["accuracy"].items()}}
-                    for r in model["budget_comparison"]]  # fmt: skip
+            rows = [
+                {
+                    "budget": r["budget"],
+                    "iterations": r["config"]["iterations"],
+                    "generation_s": r["generation_s"],
+                    **{k: v for k, v in r["accuracy"].items()},
+                }
+                for r in model["budget_comparison"]
+            ]
             columns = ["budget", "iterations", "generation_s", *rows[0].keys() - {"budget"}]
             out.append(markdown_table(rows, list(dict.fromkeys(columns))))
-        out.append(f"\n![samples](generators_samples_{name}.png)\n\nRows of the picture: "
-                   f"{', '.join(r['source'] for r in model['rows'])}.\n")  # fmt: skip
+        out.append(
+            f"\n![samples](generators_samples_{name}.png)\n\nRows of the picture: "
+            f"{', '.join(r['source'] for r in model['rows'])}.\n"
+        )
     out.append(
         "\nRange ratio: width of a layer's min-max input range on the source divided by its "
         "width on the real images (1 is perfect); BN-statistics loss: squared error of batch "

@@ -107,11 +107,21 @@ def main() -> None:
         accuracy = test_accuracy(model, test_x, test_y)
         elapsed = time.perf_counter() - started
         history.append(
-            {"epoch": epoch + 1, "loss": total_loss / steps_per_epoch, "test_top1": accuracy,
-             "elapsed_s": round(elapsed, 1)}
-        )  # fmt: skip
-        log.info("%s epoch %d loss %.4f test %.2f%% (%.0fs)", args.name, epoch + 1,
-                 total_loss / steps_per_epoch, accuracy, elapsed)  # fmt: skip
+            {
+                "epoch": epoch + 1,
+                "loss": total_loss / steps_per_epoch,
+                "test_top1": accuracy,
+                "elapsed_s": round(elapsed, 1),
+            }
+        )
+        log.info(
+            "%s epoch %d loss %.4f test %.2f%% (%.0fs)",
+            args.name,
+            epoch + 1,
+            total_loss / steps_per_epoch,
+            accuracy,
+            elapsed,
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
     weights = args.out / f"{args.name}.safetensors"
@@ -121,16 +131,22 @@ def main() -> None:
     record = {
         "model": args.name,
         "recipe": {
-            "optimizer": "SGD nesterov momentum 0.9", "lr_max": lr, "schedule": "one-cycle",
-            "pct_start": 0.15, "epochs": args.epochs, "batch_size": args.batch_size,
-            "weight_decay": args.weight_decay, "label_smoothing": 0.1,
-            "augmentation": "random 2-px translation + horizontal flip", "seed": args.seed,
+            "optimizer": "SGD nesterov momentum 0.9",
+            "lr_max": lr,
+            "schedule": "one-cycle",
+            "pct_start": 0.15,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "weight_decay": args.weight_decay,
+            "label_smoothing": 0.1,
+            "augmentation": "random 2-px translation + horizontal flip",
+            "seed": args.seed,
             "threads": args.threads,
         },
         "history": history,
         "test_top1": history[-1]["test_top1"],
         "torch": torch.__version__,
-    }  # fmt: skip
+    }
     (args.out / f"{args.name}.train.json").write_text(json.dumps(record, indent=2) + "\n")
 
 

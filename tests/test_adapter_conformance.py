@@ -99,11 +99,15 @@ def _through(handle: QuantizerHandle, run) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _expected(handle: QuantizerHandle, x: torch.Tensor) -> torch.Tensor:
     return fake_quantize(
-        x, handle.scale().flatten() if handle.axis is not None else handle.scale().flatten()[0],
-        handle.zero_point().flatten().float() if handle.axis is not None
+        x,
+        handle.scale().flatten() if handle.axis is not None else handle.scale().flatten()[0],
+        handle.zero_point().flatten().float()
+        if handle.axis is not None
         else handle.zero_point().flatten()[0].float(),
-        handle.quant_min, handle.quant_max, axis=handle.axis,
-    )  # fmt: skip
+        handle.quant_min,
+        handle.quant_max,
+        axis=handle.axis,
+    )
 
 
 def test_built_in_adapters_are_registered():

@@ -19,9 +19,16 @@ def _model() -> nn.Module:
 def test_zero_shot_apply_with_a_preset():
     model = _model()
     quantized, report = apply(
-        model, "fx", QuantSpec(weight_bits=4, act_bits=4), data="zeroq", num_samples=12,
-        input_shape=(1, 8, 8), iterations=5, batch_size=6, progress=False,
-    )  # fmt: skip
+        model,
+        "fx",
+        QuantSpec(weight_bits=4, act_bits=4),
+        data="zeroq",
+        num_samples=12,
+        input_shape=(1, 8, 8),
+        iterations=5,
+        batch_size=6,
+        progress=False,
+    )
     x = torch.rand(4, 1, 8, 8)
     assert quantized(x).shape == (4, 4)
     assert report.toolkit == "fx" and report.data == "zeroq" and report.num_samples == 12

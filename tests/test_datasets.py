@@ -34,8 +34,12 @@ def fake_fmnist(tmp_path):
         _write_idx(
             tmp_path / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), 2051
         )
-        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, (n,)), 2049,
-                   compress=split == "train")  # fmt: skip
+        _write_idx(
+            tmp_path / f"{prefix}-labels-idx1-ubyte",
+            rng.integers(0, 10, (n,)),
+            2049,
+            compress=split == "train",
+        )
     return tmp_path
 
 

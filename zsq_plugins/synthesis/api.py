@@ -124,10 +124,14 @@ def synthesize(
         "num_samples": num_samples,
         "batch_sizes": sizes,
         "input_shape": list(shape),
-        "input_domain": {"mean": list(domain.mean), "std": list(domain.std),
-                         "low": domain.low, "high": domain.high},
+        "input_domain": {
+            "mean": list(domain.mean),
+            "std": list(domain.std),
+            "low": domain.low,
+            "high": domain.high,
+        },
         "dtype": str(dtype),
-    }  # fmt: skip
+    }
     store: ShardStore | _MemoryStore
     store = ShardStore(cache_dir, identity) if cache_dir is not None else _MemoryStore(identity)
     pending = [i for i in range(len(sizes)) if i not in store.finished()]
@@ -144,16 +148,24 @@ def synthesize(
             store.write_shard(
                 index,
                 result.images,
-                {"initial_loss": result.initial_loss, "final_loss": result.final_loss,
-                 "terms": result.terms, "seconds": round(result.seconds, 3)},
-            )  # fmt: skip
+                {
+                    "initial_loss": result.initial_loss,
+                    "final_loss": result.final_loss,
+                    "terms": result.terms,
+                    "seconds": round(result.seconds, 3),
+                },
+            )
             log.debug("batch %d: loss %s -> %s", index, result.initial_loss, result.final_loss)
     store.complete({"generation_seconds": round(time.perf_counter() - started, 3)})
     if isinstance(store, ShardStore):
         return SyntheticDataset.load(store.root)
     images = torch.cat([store.images[i] for i in range(len(sizes))])
-    manifest = {"identity": identity, "complete": True,
-                "shards": [store.shards[i] for i in range(len(sizes))], **store.extra}  # fmt: skip
+    manifest = {
+        "identity": identity,
+        "complete": True,
+        "shards": [store.shards[i] for i in range(len(sizes))],
+        **store.extra,
+    }
     return SyntheticDataset(images, manifest)
 
 

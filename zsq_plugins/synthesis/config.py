@@ -96,9 +96,14 @@ class SynthesisConfig:
         if not 0 < self.generator_lr_decay <= 1:
             raise ValueError(f"generator_lr_decay must be in (0, 1], got {self.generator_lr_decay}")
         weights = (
-            "bn_batch_weight", "bn_sample_weight", "layer_emphasis", "slack",
-            "decorrelation_weight", "input_prior_weight", "output_weight",
-        )  # fmt: skip
+            "bn_batch_weight",
+            "bn_sample_weight",
+            "layer_emphasis",
+            "slack",
+            "decorrelation_weight",
+            "input_prior_weight",
+            "output_weight",
+        )
         for field in weights:
             if not getattr(self, field) >= 0:
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)!r}")

@@ -71,9 +71,14 @@ class MBConv(nn.Module):
     """Mobile inverted bottleneck without squeeze-excitation (the lite block)."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel: int, stride: int, expansion: int,
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        stride: int,
+        expansion: int,
         size: int,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         hidden = in_channels * expansion
         self.expand = _conv_unit(in_channels, hidden, 1, 1, size) if expansion != 1 else None
