@@ -60,3 +60,31 @@ class TinyConvNet(nn.Module):
 def tiny_model() -> nn.Module:
     torch.manual_seed(0)
     return TinyConvNet().eval()
+
+
+SHAPE = (1, 8, 8)
+
+
+def pseudo_images(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Smooth blobs in [0, 1]: a distribution unlike independent Gaussian pixels."""
+    raw = torch.randn(n, *SHAPE, generator=generator)
+    return (0.55 + 0.9 * nn.functional.avg_pool2d(raw, 3, stride=1, padding=1)).clamp(0, 1)
+
+
+def zoo_style_bn_model() -> nn.Module:
+    """A zoo-style model (inputs in [0, 1], normalized inside) whose BN statistics come from
+    pseudo_images: reachable, and not already matched by Gaussian noise. Deterministic."""
+    from zsq_plugins.zoo._layers import Normalize
+
+    torch.manual_seed(0)
+    net = TinyConvNet()
+    for bn in (net.bn1, net.bn2):
+        bn.momentum = None  # cumulative average over the batches below
+    generator = torch.Generator().manual_seed(0)
+    sample = pseudo_images(2000, generator)
+    model = nn.Sequential(Normalize((sample.mean().item(),), (sample.std().item(),)), net)
+    model.train()
+    with torch.no_grad():
+        for _ in range(20):
+            model(pseudo_images(64, generator))
+    return model.eval()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import TinyConvNet
+from tests.conftest import SHAPE, TinyConvNet, zoo_style_bn_model
 from zsq_plugins import calibration_loader, synthesize
 from zsq_plugins.errors import (
     CacheMismatchError,
@@ -27,33 +27,13 @@ from zsq_plugins.synthesis import engine as engine_module
 from zsq_plugins.synthesis.diagnostics import bn_statistics_loss
 from zsq_plugins.zoo._layers import Normalize
 
-SHAPE = (1, 8, 8)
 FAST = {"iterations": 12, "batch_size": 6}
 PRESETS = ["noise", "zeroq", "dsg", "genie"]
 
 
-def pseudo_images(n: int, generator: torch.Generator) -> torch.Tensor:
-    """Smooth blobs in [0, 1]: a distribution unlike independent Gaussian pixels."""
-    raw = torch.randn(n, *SHAPE, generator=generator)
-    return (0.55 + 0.9 * nn.functional.avg_pool2d(raw, 3, stride=1, padding=1)).clamp(0, 1)
-
-
 @pytest.fixture
 def bn_model() -> nn.Module:
-    """A zoo-style model (inputs in [0, 1], normalized inside) whose BN statistics come from
-    pseudo_images: reachable, and not already matched by Gaussian noise."""
-    torch.manual_seed(0)
-    net = TinyConvNet()
-    for bn in (net.bn1, net.bn2):
-        bn.momentum = None  # cumulative average over the batches below
-    generator = torch.Generator().manual_seed(0)
-    sample = pseudo_images(2000, generator)
-    model = nn.Sequential(Normalize((sample.mean().item(),), (sample.std().item(),)), net)
-    model.train()
-    with torch.no_grad():
-        for _ in range(20):
-            model(pseudo_images(64, generator))
-    return model.eval()
+    return zoo_style_bn_model()
 
 
 def run(model, preset, n=10, seed=0, **kwargs):

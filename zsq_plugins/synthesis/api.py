@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 
 from zsq_plugins.errors import UnsupportedModelError
 from zsq_plugins.synthesis.artifact import FORMAT, ShardStore, SyntheticDataset
+from zsq_plugins.synthesis.distributed import barrier, join_from_environment, rank_device
 from zsq_plugins.synthesis.engine import SynthesisEngine, batch_seed, batch_sizes
 from zsq_plugins.synthesis.model_info import (
     batchnorm_layers,
@@ -89,6 +91,10 @@ def synthesize(
     With ``cache_dir``, each finished batch is written there at once as a safetensors shard
     plus manifest; a run interrupted and started again reuses the finished batches, and a
     completed set is loaded instead of regenerated. The same seed gives the same images.
+
+    Under ``torchrun --nproc_per_node=N`` each process generates a disjoint share of the
+    batches into ``cache_dir`` (required then), rank 0 writes the merged manifest, and every
+    rank returns the whole set, identical to a single-process run with the same seed.
     """
     _positive_int("num_samples", num_samples)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -110,6 +116,15 @@ def synthesize(
     for size in shape:
         _positive_int("each input_shape entry", size)
     device = _resolve_device(model, device)
+    ranks = join_from_environment(device)
+    device = rank_device(device, ranks)
+    if ranks.is_distributed and cache_dir is None:
+        raise ValueError(
+            "synthesize under torchrun needs cache_dir=<a folder every rank can write>: the "
+            "ranks exchange their batches through it"
+        )
+    if device != _resolve_device(model, None):
+        model = copy.deepcopy(model).to(device)
     domain = input_domain(model, shape[0], input_mean, input_std)
     with torch.no_grad():
         num_classes = check_input_shape(model.eval(), shape, device)
@@ -133,15 +148,20 @@ def synthesize(
         "dtype": str(dtype),
     }
     store: ShardStore | _MemoryStore
-    store = ShardStore(cache_dir, identity) if cache_dir is not None else _MemoryStore(identity)
-    pending = [i for i in range(len(sizes)) if i not in store.finished()]
+    if cache_dir is not None:
+        store = ShardStore(cache_dir, identity, ranks.rank, ranks.world)
+    else:
+        store = _MemoryStore(identity)
+    finished = store.finished()
+    pending = [i for i in range(len(sizes)) if i not in finished and ranks.owns(i)]
     if len(pending) < len(sizes):
         log.info("reusing %d finished batch(es) from %s", len(sizes) - len(pending), cache_dir)
     engine = SynthesisEngine(model, config, shape, domain, num_classes, device, dtype)
     steps = 1 if config.parameterization.value == "noise" else config.iterations
     started = time.perf_counter()
+    description = f"synthesize {preset}" + (f" [rank {ranks.rank}]" if ranks.is_distributed else "")
     with tqdm(
-        total=steps * len(pending), desc=f"synthesize {preset}", unit="step", disable=not progress
+        total=steps * len(pending), desc=description, unit="step", disable=not progress
     ) as bar:
         for index in pending:
             result = engine.run_batch(sizes[index], batch_seed(seed, index), bar)
@@ -156,7 +176,15 @@ def synthesize(
                 },
             )
             log.debug("batch %d: loss %s -> %s", index, result.initial_loss, result.final_loss)
-    store.complete({"generation_seconds": round(time.perf_counter() - started, 3)})
+    extra = {"generation_seconds": round(time.perf_counter() - started, 3)}
+    if isinstance(store, ShardStore) and ranks.is_distributed:
+        extra["world_size"] = ranks.world
+        barrier(ranks)  # every rank's shards are written
+        if ranks.rank == 0:
+            store.merge(extra)
+        barrier(ranks)  # the merged manifest is written
+    else:
+        store.complete(extra)
     if isinstance(store, ShardStore):
         return SyntheticDataset.load(store.root)
     images = torch.cat([store.images[i] for i in range(len(sizes))])

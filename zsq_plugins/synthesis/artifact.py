@@ -33,8 +33,10 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
-def _read_manifest(root: Path) -> dict[str, Any] | None:
-    path = root / MANIFEST
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest at ``path`` (a file, or a folder holding manifest.json), or None."""
+    if path.is_dir():
+        path = path / MANIFEST
     if not path.is_file():
         return None
     try:
@@ -59,28 +61,58 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     ]
 
 
-class ShardStore:
-    """The folder of one synthetic set being generated (or reused)."""
+def rank_manifest_name(rank: int) -> str:
+    return f"manifest.rank{rank}.json"
 
-    def __init__(self, root: str | os.PathLike[str], identity: dict[str, Any]) -> None:
+
+class ShardStore:
+    """The folder of one synthetic set being generated (or reused).
+
+    In a distributed run (``world > 1``) each rank records its progress in its own
+    ``manifest.rank<R>.json``, so that ranks never write the same file; ``merge`` (rank 0,
+    after a barrier) writes the complete ``manifest.json`` and removes the rank files.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        identity: dict[str, Any],
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         self.root = Path(root)
         self.identity = identity
+        self.rank, self.world = rank, world
         self.root.mkdir(parents=True, exist_ok=True)
-        existing = _read_manifest(self.root)
-        if existing is not None and existing["identity"] != self.identity:
-            diff = "; ".join(_differences(existing["identity"], self.identity))
-            raise CacheMismatchError(
-                f"{self.root} holds a synthetic set made differently ({diff}). Use another "
-                "cache folder, or delete this one to regenerate."
-            )
-        self.shards: dict[int, dict[str, Any]] = {}
-        for record in (existing or {}).get("shards", []):
-            path = self.root / record["file"]
-            if path.is_file() and sha256_of(path) == record["sha256"]:
-                self.shards[record["index"]] = record
-            else:
-                log.warning("%s is missing or corrupted; its batch will be regenerated", path)
-        self._write_manifest(complete=False)
+        self.progress_path = self.root / (MANIFEST if world == 1 else rank_manifest_name(rank))
+        self.shards = self._verified_records()
+        self._write(self.progress_path, complete=False)
+
+    def _manifests(self) -> list[tuple[Path, dict[str, Any]]]:
+        found = []
+        for path in [self.root / MANIFEST, *sorted(self.root.glob("manifest.rank*.json"))]:
+            manifest = _read_manifest(path)
+            if manifest is None:
+                continue
+            if manifest["identity"] != self.identity:
+                diff = "; ".join(_differences(manifest["identity"], self.identity))
+                raise CacheMismatchError(
+                    f"{self.root} holds a synthetic set made differently ({diff}). Use another "
+                    "cache folder, or delete this one to regenerate."
+                )
+            found.append((path, manifest))
+        return found
+
+    def _verified_records(self) -> dict[int, dict[str, Any]]:
+        shards: dict[int, dict[str, Any]] = {}
+        for _, manifest in self._manifests():
+            for record in manifest.get("shards", []):
+                path = self.root / record["file"]
+                if path.is_file() and sha256_of(path) == record["sha256"]:
+                    shards[record["index"]] = record
+                else:
+                    log.warning("%s is missing or corrupted; its batch will be regenerated", path)
+        return shards
 
     def finished(self) -> set[int]:
         return set(self.shards)
@@ -97,12 +129,21 @@ class ShardStore:
             "size": len(images),
             **record,
         }
-        self._write_manifest(complete=False)
+        self._write(self.progress_path, complete=False)
 
     def complete(self, extra: Mapping[str, Any]) -> None:
-        self._write_manifest(complete=True, extra=extra)
+        """Single process: marks the set complete. Distributed: call ``merge`` on rank 0."""
+        if self.world == 1:
+            self.merge(extra)
 
-    def _write_manifest(self, complete: bool, extra: Mapping[str, Any] | None = None) -> None:
+    def merge(self, extra: Mapping[str, Any]) -> None:
+        """Writes the complete manifest from every rank's records; removes the rank files."""
+        self.shards = self._verified_records()
+        self._write(self.root / MANIFEST, complete=True, extra=extra)
+        for path in self.root.glob("manifest.rank*.json"):
+            path.unlink()
+
+    def _write(self, path: Path, complete: bool, extra: Mapping[str, Any] | None = None) -> None:
         manifest = {
             "identity": self.identity,
             "complete": complete,
@@ -110,7 +151,7 @@ class ShardStore:
             "shards": [self.shards[i] for i in sorted(self.shards)],
             **(extra or {}),
         }
-        write_json(self.root / MANIFEST, manifest)
+        write_json(path, manifest)
 
 
 class SyntheticDataset(Dataset[torch.Tensor]):
