@@ -34,3 +34,35 @@ def test_evaluate_json(capsys):
     (row,) = json.loads(capsys.readouterr().out)
     assert row["model"] == "efficientnet_lite0" and row["num_samples"] == 20
     assert row["top1"] >= 85.0
+
+
+def test_generate_writes_a_resumable_set(tmp_path, capsys):
+    out = tmp_path / "set"
+    argv = [
+        "generate",
+        "resnet20_fmnist",
+        "--preset",
+        "zeroq",
+        "--num-samples",
+        "4",
+        "--set",
+        "iterations=2",
+        "--set",
+        "batch_size=2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 4 and summary["shards"] == 2
+    from zsq_plugins.synthesis import SyntheticDataset
+
+    assert SyntheticDataset.load(out).images.shape == (4, 1, 28, 28)
+    assert main([*argv[:-2], "--set", "iterations=3", "--no-progress"]) == 2  # another config
+    assert "made differently" in capsys.readouterr().err
+
+
+def test_generate_rejects_malformed_overrides(tmp_path):
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        main(["generate", "resnet20_fmnist", "--set", "iterations", "--out", str(tmp_path)])
