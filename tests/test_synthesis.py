@@ -91,6 +91,17 @@ def test_clamped_presets_stay_in_the_models_input_range(bn_model):
     assert noise.std().item() == pytest.approx(std, abs=0.02)
 
 
+def test_the_callers_model_is_left_as_it_was(bn_model):
+    bn_model.train()
+    flags = [p.requires_grad for p in bn_model.parameters()]
+    before = {k: v.clone() for k, v in bn_model.state_dict().items()}
+    run(bn_model, "genie", n=6)
+    assert bn_model.training
+    assert [p.requires_grad for p in bn_model.parameters()] == flags
+    after = bn_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics untouched
+
+
 def test_zoo_models_give_their_input_shape():
     from zsq_plugins import zoo
 

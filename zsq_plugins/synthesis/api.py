@@ -18,6 +18,7 @@ from zsq_plugins.errors import UnsupportedModelError
 from zsq_plugins.synthesis.artifact import FORMAT, ShardStore, SyntheticDataset
 from zsq_plugins.synthesis.distributed import barrier, join_from_environment, rank_device
 from zsq_plugins.synthesis.engine import SynthesisEngine, batch_seed, batch_sizes
+from zsq_plugins.synthesis.hooks import frozen
 from zsq_plugins.synthesis.model_info import (
     batchnorm_layers,
     check_finite_weights,
@@ -126,8 +127,8 @@ def synthesize(
     if device != _resolve_device(model, None):
         model = copy.deepcopy(model).to(device)
     domain = input_domain(model, shape[0], input_mean, input_std)
-    with torch.no_grad():
-        num_classes = check_input_shape(model.eval(), shape, device)
+    with frozen(model):  # eval mode for the check, the caller's mode restored afterwards
+        num_classes = check_input_shape(model, shape, device)
     sizes = batch_sizes(num_samples, config.batch_size)
     identity = {
         "format": FORMAT,
