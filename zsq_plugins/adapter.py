@@ -55,7 +55,9 @@ class QuantizerHandle(Protocol):
     def bits(self) -> int: ...
 
     @property
-    def quant_min(self) -> int: ...
+    def quant_min(self) -> int:
+        """Lowest integer level; may be a narrow range (Brevitas: -7 at 4 bits), so never
+        derive it from ``bits``."""
 
     @property
     def quant_max(self) -> int: ...
