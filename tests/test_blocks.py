@@ -1,0 +1,58 @@
+import pytest
+from torch import nn
+
+from zsq_plugins import zoo
+from zsq_plugins.quant.fold import fold_batchnorm
+from zsq_plugins.reconstruction.blocks import BlockKind, find_blocks
+
+
+def _graph(name: str):
+    return fold_batchnorm(zoo.card(name).build())
+
+
+def _layers(graph) -> list[str]:
+    return [
+        str(n.target)
+        for n in graph.graph.nodes
+        if n.op == "call_module"
+        and isinstance(graph.get_submodule(n.target), nn.Conv2d | nn.Linear)
+    ]
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet20_fmnist", "mobilenetv2_fmnist", "vgg_nobn_fmnist", "efficientnet_lite0"]
+)
+def test_every_layer_is_in_exactly_one_block_in_order(name):
+    graph = _graph(name)
+    blocks = find_blocks(graph)
+    flat = [layer for block in blocks for layer in block.layers]
+    assert flat == _layers(graph)
+    assert len({b.name for b in blocks}) == len(blocks)  # unique names
+    assert blocks[-1].kind is BlockKind.HEAD
+
+
+def test_resnet20_blocks_are_its_basic_blocks():
+    blocks = find_blocks(_graph("resnet20_fmnist"))
+    residual = [b for b in blocks if b.kind is BlockKind.RESIDUAL]
+    assert [b.name for b in residual] == [f"stages.{s}.{i}" for s in range(3) for i in range(3)]
+    assert residual[3].layers == (
+        "stages.1.0.conv1.0", "stages.1.0.conv2.0", "stages.1.0.shortcut.0",
+    )  # fmt: skip
+    assert "stages.0.0.relu" in residual[0].nodes[-1].replace("_", ".")  # the activation after
+    assert blocks[0].layers == ("stem.0",) and blocks[-1].layers == ("fc",)
+
+
+def test_plain_network_is_cut_at_pooling():
+    blocks = find_blocks(_graph("vgg_nobn_fmnist"))
+    assert [b.kind for b in blocks] == [BlockKind.CHAIN] * 3 + [BlockKind.HEAD]
+    assert [len(b.layers) for b in blocks] == [2, 2, 2, 2]
+
+
+def test_layer_granularity_and_user_predicate():
+    graph = _graph("resnet20_fmnist")
+    layers = find_blocks(graph, granularity="layer")
+    assert [b.layers for b in layers] == [(name,) for name in _layers(graph)]
+    stages = find_blocks(graph, predicate=lambda module, name: name in {"stages.0", "stages.1"})
+    assert [b.kind for b in stages[1:3]] == [BlockKind.USER, BlockKind.USER]
+    assert len(stages[1].layers) == 6 and len(stages[2].layers) == 7
+    assert [b.kind for b in stages[3:6]] == [BlockKind.RESIDUAL] * 3  # stages.2 is unaffected

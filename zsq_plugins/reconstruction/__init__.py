@@ -1,0 +1,1 @@
+"""Block reconstruction shared by every toolkit (AdaRound, BRECQ, QDrop, Genie-M)."""
