@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from zsq_plugins.quant.fakequant import affine_params, fake_quantize
+from zsq_plugins.reconstruction.config import ReconstructionConfig
+from zsq_plugins.reconstruction.rounding import AdaRoundWeight, LSQActivation
+
+
+def _weight():
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3, 3, 3)
+    flat = weight.flatten(1)
+    scale, zero, qmin, qmax = affine_params(flat.min(1).values, flat.max(1).values, 4, True)
+    return weight, scale, zero, qmin, qmax
+
+
+def test_soft_weight_starts_at_the_fp_weight_and_hard_is_on_the_grid():
+    weight, scale, zero, qmin, qmax = _weight()
+    ada = AdaRoundWeight(weight, scale, zero, qmin, qmax)
+    torch.testing.assert_close(ada(), weight, atol=1e-3 * scale.max().item(), rtol=0)
+    hard = ada(hard=True)
+    nearest = fake_quantize(weight, scale, zero, qmin, qmax, axis=0)
+    torch.testing.assert_close(hard, nearest)  # initial rounding = round to nearest
+    levels = ada.levels(hard=True)
+    assert torch.equal(levels, levels.round()) and levels.min() >= qmin and levels.max() <= qmax
+
+
+def test_regularizer_is_zero_only_at_hard_decisions():
+    weight, scale, zero, qmin, qmax = _weight()
+    ada = AdaRoundWeight(weight, scale, zero, qmin, qmax)
+    assert ada.regularizer(2.0) > 0
+    with torch.no_grad():
+        ada.rounding.copy_(torch.where(ada.rounding > 0, 10.0, -10.0))
+    assert ada.regularizer(2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_learned_rounding_beats_rounding_to_nearest_on_correlated_inputs():
+    # Correlated inputs let rounding errors of different weights cancel: AdaRound's premise.
+    torch.manual_seed(0)
+    weight = torch.randn(8, 16)
+    scale, zero, qmin, qmax = affine_params(weight.min(1).values, weight.max(1).values, 3, True)
+    x = torch.randn(256, 2) @ torch.randn(2, 16) + 0.01 * torch.randn(256, 16)
+    target = x @ weight.T
+    config = ReconstructionConfig()
+    ada = AdaRoundWeight(weight, scale, zero, qmin, qmax, config.zeta, config.gamma)
+
+    def error(w):
+        return (x @ w.T - target).pow(2).mean().item()
+
+    nearest = error(ada(hard=True))
+    optimizer = torch.optim.Adam([ada.rounding], lr=1e-2)
+    steps = 500
+    for step in range(steps):
+        loss = (x @ ada().T - target).pow(2).sum(1).mean()
+        if step >= config.warmup * steps:
+            progress = (step - config.warmup * steps) / ((1 - config.warmup) * steps)
+            beta = config.beta_start + (config.beta_end - config.beta_start) * progress
+            loss = loss + config.rounding_weight * ada.regularizer(beta)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert error(ada(hard=True)) < 0.5 * nearest
+
+
+def test_learned_step_size_gets_gradients_only_when_asked():
+    weight, scale, zero, qmin, qmax = _weight()
+    fixed = AdaRoundWeight(weight, scale, zero, qmin, qmax)
+    learned = AdaRoundWeight(weight, scale, zero, qmin, qmax, learn_scale=True)
+    assert not fixed.scale.requires_grad
+    learned().sum().backward()
+    assert learned.scale.grad is not None and learned.scale.grad.abs().sum() > 0
+
+
+def test_lsq_activation_matches_fake_quant_and_learns_its_step():
+    x = torch.rand(8, 4, 5, 5) * 3
+    scale, zero, qmin, qmax = affine_params(x.min(), x.max(), 4, False)
+    lsq = LSQActivation(scale, zero, qmin, qmax)
+    torch.testing.assert_close(lsq(x), fake_quantize(x, scale, zero, qmin, qmax))
+    (lsq(x) - x).pow(2).sum().backward()
+    assert lsq.scale.grad is not None and lsq.scale.grad.abs() > 0
+
+
+def test_config_validation_and_round_trip():
+    config = ReconstructionConfig(drop_probability=0.5, weight_scale_lr=1e-4)
+    assert ReconstructionConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="drop_probability"):
+        ReconstructionConfig(drop_probability=1.0)
+    with pytest.raises(ValueError, match="granularity"):
+        ReconstructionConfig(granularity="model")
+    with pytest.raises(ValueError, match="unknown reconstruction option"):
+        config.replace(lr=1.0)

@@ -1,0 +1,99 @@
+"""Configuration of the block-reconstruction routine; presets are instances of it.
+
+Every default cites its source: AdaRound (Nagel et al., ICML 2020), BRECQ (Li et al., ICLR
+2021), QDrop (Wei et al., ICLR 2022), Genie-M (Jeon et al., CVPR 2023), LSQ (Esser et al.,
+ICLR 2020).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from enum import Enum
+from typing import Any
+
+from zsq_plugins.reconstruction.blocks import Granularity
+
+
+class ReconBudget(str, Enum):
+    PAPER = "paper"
+    """20k iterations per block, batch 32 (BRECQ, QDrop, Genie)."""
+    CPU = "cpu"
+    """A budget chosen so that the whole zero-shot pipeline fits minutes on 2 CPU threads."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReconstructionConfig:
+    granularity: Granularity = Granularity.BLOCK
+    """``layer`` reconstructs each conv/linear alone (AdaRound); ``block`` whole blocks (BRECQ)."""
+    iterations: int = 20000
+    """Optimization steps per block (BRECQ/QDrop/Genie: 20000)."""
+    batch_size: int = 32
+    """Images per step (BRECQ/QDrop/Genie: 32)."""
+    rounding_lr: float = 1e-3
+    """Adam learning rate of the rounding variables V (AdaRound/BRECQ: 1e-3)."""
+    weight_scale_lr: float = 0.0
+    """Adam learning rate of the weight step sizes; 0 keeps them fixed (AdaRound, BRECQ,
+    QDrop). Genie-M learns them jointly with the rounding (Genie-M: 1e-4)."""
+    act_scale_lr: float = 4e-5
+    """Adam learning rate of the activation step sizes, learned LSQ-style (BRECQ/QDrop: 4e-5)."""
+    rounding_weight: float = 0.01
+    """Weight lambda of AdaRound's rounding regularizer (BRECQ/QDrop: 0.01)."""
+    beta_start: float = 20.0
+    """Initial temperature of the regularizer 1 - |2h(V) - 1|^beta (AdaRound: 20)."""
+    beta_end: float = 2.0
+    """Final temperature (AdaRound: 2)."""
+    warmup: float = 0.2
+    """Fraction of iterations without the regularizer, reconstruction loss only (AdaRound: 0.2)."""
+    zeta: float = 1.1
+    """Stretch of AdaRound's rectified sigmoid, upper end (AdaRound: 1.1)."""
+    gamma: float = -0.1
+    """Stretch of AdaRound's rectified sigmoid, lower end (AdaRound: -0.1)."""
+    drop_probability: float = 0.0
+    """QDrop: probability of replacing a quantized activation element by its FP value during
+    reconstruction (QDrop: 0.5); 0 disables it (AdaRound, BRECQ)."""
+    learn_act_scales: bool = True
+    """Learn activation step sizes (BRECQ, QDrop, Genie-M); AdaRound keeps them fixed."""
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "granularity", Granularity(self.granularity))
+        except ValueError:
+            raise ValueError(
+                f"granularity must be 'block' or 'layer', got {self.granularity!r}"
+            ) from None
+        for field in ("iterations", "batch_size"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+        for field in ("rounding_lr", "beta_start", "beta_end", "zeta"):
+            if not getattr(self, field) > 0:
+                raise ValueError(f"{field} must be > 0, got {getattr(self, field)!r}")
+        for field in ("weight_scale_lr", "act_scale_lr", "rounding_weight"):
+            if not getattr(self, field) >= 0:
+                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)!r}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup!r}")
+        if not 0 <= self.drop_probability < 1:
+            raise ValueError(f"drop_probability must be in [0, 1), got {self.drop_probability!r}")
+        if not self.gamma < 0 < 1 < self.zeta:
+            raise ValueError("the rectified sigmoid needs gamma < 0 and zeta > 1")
+
+    def replace(self, **overrides: Any) -> ReconstructionConfig:
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            valid = ", ".join(f.name for f in dataclasses.fields(self))
+            raise ValueError(f"unknown reconstruction option(s) {unknown}; valid: {valid}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["granularity"] = self.granularity.value
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReconstructionConfig:
+        return cls().replace(**data)

@@ -1,0 +1,80 @@
+"""Learned rounding (AdaRound) and learned step sizes (LSQ): the differentiable quantizers
+the routine puts in place of a toolkit's own while it optimizes, and bakes back afterwards."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Rounding with a straight-through gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+class AdaRoundWeight(nn.Module):
+    """W_q = s * (clamp(floor(W / s0) + h(V) + z, qmin, qmax) - z), per output channel.
+
+    h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1) is AdaRound's rectified sigmoid;
+    V starts where h(V) equals the fractional part of W / s0, so the soft weight starts at W.
+    The integer part floor(W / s0) is fixed at the initial step s0; with ``learn_scale`` the
+    step s is a parameter too and moves the dequantized weight (Genie-M).
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        quant_min: int,
+        quant_max: int,
+        zeta: float = 1.1,
+        gamma: float = -0.1,
+        learn_scale: bool = False,
+    ) -> None:
+        super().__init__()
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        scale = scale.detach().reshape(shape).float().clone()
+        self.register_buffer("floor", torch.floor(weight.detach() / scale))
+        self.register_buffer("zero_point", zero_point.detach().reshape(shape).float().clone())
+        self.scale = nn.Parameter(scale, requires_grad=learn_scale)
+        self.quant_min, self.quant_max = quant_min, quant_max
+        self.zeta, self.gamma = zeta, gamma
+        fraction = weight.detach() / scale - self.floor
+        ratio = ((fraction - gamma) / (zeta - gamma)).clamp(1e-4, 1 - 1e-4)
+        self.rounding = nn.Parameter(torch.log(ratio / (1 - ratio)))
+
+    def soft(self) -> torch.Tensor:
+        stretched = torch.sigmoid(self.rounding) * (self.zeta - self.gamma) + self.gamma
+        return torch.clamp(stretched, 0, 1)
+
+    def levels(self, hard: bool = False) -> torch.Tensor:
+        """Integer levels (soft during optimization, hard = what the toolkit stores)."""
+        offset = (self.soft() >= 0.5).float() if hard else self.soft()
+        return torch.clamp(self.floor + offset + self.zero_point, self.quant_min, self.quant_max)
+
+    def forward(self, hard: bool = False) -> torch.Tensor:
+        return (self.levels(hard) - self.zero_point) * self.scale
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """AdaRound's sum of 1 - |2h(V) - 1|^beta: pushes every h(V) to 0 or 1."""
+        return (1 - (2 * self.soft() - 1).abs().pow(beta)).sum()
+
+
+class LSQActivation(nn.Module):
+    """Per-tensor fake quantization with a learned step size (LSQ's gradient scaling)."""
+
+    def __init__(
+        self, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int
+    ) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(scale.detach().flatten()[:1].float().clone())
+        self.register_buffer("zero_point", zero_point.detach().flatten()[:1].float().round())
+        self.quant_min, self.quant_max = quant_min, quant_max
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # LSQ scales the step's gradient by 1 / sqrt(numel * qmax) for stable learning.
+        factor = 1.0 / (x.numel() / x.shape[0] * self.quant_max) ** 0.5
+        scale = self.scale * factor + (self.scale - self.scale * factor).detach()
+        levels = torch.clamp(round_ste(x / scale) + self.zero_point, self.quant_min, self.quant_max)
+        return (levels - self.zero_point) * scale
