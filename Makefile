@@ -6,7 +6,10 @@ TORCH_VERSION := 2.13.0
 EXTRAS ?= all,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)-$(subst $(comma),-,$(EXTRAS))
+# NNCF compiles a C++ extension on first use: keep it inside the venv, and give the build as
+# long as it needs (NNCF's default 60 s limit fails on a busy 2-core machine and leaves a lock).
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+export NNCF_EXTENSION_LOAD_TIMEOUT := 0
 
 .PHONY: demo test setup data lint
 

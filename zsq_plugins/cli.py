@@ -65,6 +65,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from zsq_plugins.synthesis import synthesize
     from zsq_plugins.zoo import load
 
+    overrides = _parse_overrides(args.set)  # malformed options fail before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     data = synthesize(
@@ -76,7 +77,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         cache_dir=args.out,
         device=args.device,
         progress=not args.no_progress,
-        **_parse_overrides(args.set),
+        **overrides,
     )
     manifest = data.manifest
     shards = manifest["shards"]
