@@ -10,13 +10,15 @@ weights, per-tensor activations, first/last layer 8-bit) at W8A8, W4A8, W4A4 and
 min-max and with MSE-optimal activation ranges, and evaluates on the 10k test images.
 Generated sets are cached (and resumed) under --cache-dir.
 
-Writes docs/results/generators.json, docs/results/generators.md and a PNG grid of samples
-per model (docs/results/generators_samples_<model>.png).
+Each model's results go to docs/results/generators/<model>.json (so models can be run
+separately and re-run alone); docs/results/generators.md is rendered from every JSON there,
+with a PNG grid of samples per model (docs/results/generators_samples_<model>.png).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import statistics
@@ -207,27 +209,42 @@ def main() -> None:
     parser.add_argument("--paper-subset", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "synthetic")
-    parser.add_argument("--output", default="generators")
+    parser.add_argument("--output", default="generators", help="results sub-folder name")
+    parser.add_argument("--render-only", action="store_true", help="re-render the Markdown")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
+    if args.render_only:
+        write_text_atomic(RESULTS / f"{args.output}.md", render_all(RESULTS / args.output))
+        return
     started = time.perf_counter()
     test_set = fashion_mnist("test")
     models = [run_model(name, args, test_set) for name in args.models]
-    record = {
-        "benchmark": "generators",
-        "num_samples": args.num_samples,
-        "budget": args.budget,
-        "seed": args.seed,
-        "environment": environment_info(),
-        "wall_s": round(time.perf_counter() - started, 1),
-        "peak_rss_mib": round(peak_rss_mib(), 1),
-        "models": models,
-    }
-    write_json(RESULTS / f"{args.output}.json", record)
-    write_text_atomic(RESULTS / f"{args.output}.md", render(record))
-    print(render(record))
+    for model in models:
+        record = {
+            "benchmark": "generators",
+            "num_samples": args.num_samples,
+            "budget": args.budget,
+            "seed": args.seed,
+            "environment": environment_info(),
+            "wall_s": round(time.perf_counter() - started, 1),
+            "peak_rss_mib": round(peak_rss_mib(), 1),
+            "models": [model],
+        }
+        write_json(RESULTS / args.output / f"{model['model']}.json", record)
+    text = render_all(RESULTS / args.output)
+    write_text_atomic(RESULTS / f"{args.output}.md", text)
+    print(text)
+
+
+def render_all(folder: Path) -> str:
+    """The Markdown of every model's JSON in ``folder``."""
+    records = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+    if not records:
+        raise SystemExit(f"no results in {folder}")
+    merged = {**records[0], "models": [m for r in records for m in r["models"]]}
+    return render(merged)
 
 
 if __name__ == "__main__":
