@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import operator
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -180,6 +180,16 @@ class BrevitasQuantizerHandle:
     def set_enabled(self, enabled: bool) -> None:
         # The per-proxy switch that Brevitas' own quantization_status_manager toggles.
         self._proxy.disable_quant = not enabled
+
+    def override(
+        self, function: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.utils.hooks.RemovableHandle:
+        # Brevitas' tensor_quant returns (value, scale, zero_point, bit_width) and runs only
+        # while the proxy is enabled; the value is replaced, the metadata kept.
+        def replace(_: nn.Module, args: tuple, output: tuple) -> tuple:
+            return (function(args[0]), *output[1:])
+
+        return self._tensor_quant.register_forward_hook(replace)
 
     def __repr__(self) -> str:
         return f"BrevitasQuantizerHandle({self.layer!r}, {self.kind.value}, {self.bits} bits)"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,14 @@ class NNCFQuantizerHandle:
         # NNCF's switch is the ``enabled`` buffer; its enable/disable_quantization() also
         # flip requires_grad of the scales, which would change what the core optimizes.
         self._module.enabled.fill_(int(enabled))
+
+    def override(
+        self, function: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.utils.hooks.RemovableHandle:
+        def replace(_: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return function(args[0]) if self.enabled else output
+
+        return self._module.register_forward_hook(replace)
 
     def __repr__(self) -> str:
         return f"NNCFQuantizerHandle({self.layer!r}, {self.kind.value}, {self.bits} bits)"

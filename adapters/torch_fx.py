@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -147,6 +147,14 @@ class FakeQuantizeHandle:
 
     def set_enabled(self, enabled: bool) -> None:
         self._module.enable_fake_quant(enabled)
+
+    def override(
+        self, function: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.utils.hooks.RemovableHandle:
+        def replace(_: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return function(args[0]) if self.enabled else output
+
+        return self._module.register_forward_hook(replace)
 
     def __repr__(self) -> str:
         return f"FakeQuantizeHandle({self.layer!r}, {self.kind.value}, {self.bits} bits)"

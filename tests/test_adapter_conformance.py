@@ -197,3 +197,51 @@ def test_onnx_export_runs_in_onnxruntime_and_matches(name, label, tmp_path):
     tolerance = 0.03 * float(expected.abs().max())
     torch.testing.assert_close(torch.from_numpy(got), expected, atol=tolerance, rtol=0)
     assert (torch.from_numpy(got).argmax(1) == expected.argmax(1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_identity_overrides_give_the_fp32_model_back(name):
+    model = tiny_model("relu6")
+    quantized, data = quantize(name, model, QuantSpec(weight_bits=4, act_bits=4))
+    x = data[1]
+    with torch.no_grad():
+        before = quantized.model(x)
+    removers = [handle.override(lambda value: value) for handle in quantized.handles]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            quantized.model(x), fold_batchnorm(model)(x), rtol=1e-5, atol=1e-5
+        )
+    for remover in removers:
+        remover.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(quantized.model(x), before)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_gradients_reach_the_functions_that_override_quantizers(name):
+    quantized, data = quantize(name, tiny_model("relu"), QuantSpec(weight_bits=4, act_bits=4))
+    weight = next(h for h in quantized.weight_handles() if h.bits == 4)
+    act = next(h for h in quantized.activation_handles() if h.bits == 4)
+    delta = torch.zeros((), requires_grad=True)
+    gain = torch.ones((), requires_grad=True)
+    removers = [weight.override(lambda w: w + delta), act.override(lambda x: x * gain)]
+    try:
+        quantized.model(data[1]).pow(2).sum().backward()
+    finally:
+        for remover in removers:
+            remover.remove()
+    assert delta.grad is not None and delta.grad.abs() > 0
+    assert gain.grad is not None and gain.grad.abs() > 0
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_override_acts_only_while_the_quantizer_is_enabled(name):
+    quantized, data = quantize(name, tiny_model("relu"), QuantSpec(weight_bits=4, act_bits=4))
+    handle = next(h for h in quantized.activation_handles() if h.bits == 4)
+    handle.set_enabled(False)
+    with torch.no_grad():
+        off = quantized.model(data[1])
+    remover = handle.override(lambda x: x * 0)
+    with torch.no_grad():
+        torch.testing.assert_close(quantized.model(data[1]), off)
+    remover.remove()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -78,6 +78,15 @@ class QuantizerHandle(Protocol):
     def enabled(self) -> bool: ...
 
     def set_enabled(self, enabled: bool) -> None: ...
+
+    def override(
+        self, function: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Until the returned handle is removed, and while the quantizer is enabled, its
+        output is ``function(x)`` (``x``: its float input; for a weight quantizer, the float
+        weight) instead of the toolkit's own quantization. Gradients flow through
+        ``function``: this is how the core's learned rounding and step sizes act inside the
+        toolkit's own model."""
 
 
 @dataclasses.dataclass
