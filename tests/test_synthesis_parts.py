@@ -6,7 +6,12 @@ from torch import nn
 
 from zsq_plugins.synthesis.config import Distance, SynthesisConfig
 from zsq_plugins.synthesis.engine import batch_seed
-from zsq_plugins.synthesis.hooks import BNStatisticsCapture, frozen, swing_convolution
+from zsq_plugins.synthesis.hooks import (
+    StatisticsCapture,
+    batchnorm_targets,
+    frozen,
+    swing_convolution,
+)
 from zsq_plugins.synthesis.objectives import (
     bn_loss_terms,
     decorrelation,
@@ -19,7 +24,7 @@ def test_bn_capture_matches_direct_statistics():
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(3).eval()
     x = torch.randn(5, 3, 4, 4) * 2 + 1
-    capture = BNStatisticsCapture([("bn", bn)])
+    capture = StatisticsCapture(batchnorm_targets([("bn", bn)]))
     with capture:
         bn(x)
     (stat,) = capture.collected()
@@ -36,7 +41,7 @@ def test_slack_ignores_deviations_inside_the_margin():
     margin = expected_deviation(target_std, 16, Distance.NORM, of_std=False)
     assert margin == pytest.approx((4 / 16) ** 0.5)
     bn = nn.BatchNorm2d(4).eval()  # mean 0, std ~1
-    capture = BNStatisticsCapture([("bn", bn)])
+    capture = StatisticsCapture(batchnorm_targets([("bn", bn)]))
     x = torch.randn(1, 4, 4, 4)
     x = (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True, unbiased=False)
     x = x + 0.1  # every channel's mean off by 0.1: distance 0.2 < margin 0.5
@@ -52,7 +57,7 @@ def test_slack_ignores_deviations_inside_the_margin():
 
 def test_layer_emphasis_adds_the_chosen_layers_loss():
     bns = [nn.BatchNorm2d(2).eval(), nn.BatchNorm2d(2).eval()]
-    capture = BNStatisticsCapture([("a", bns[0]), ("b", bns[1])])
+    capture = StatisticsCapture(batchnorm_targets([("a", bns[0]), ("b", bns[1])]))
     with capture:
         bns[0](torch.randn(3, 2, 4, 4))
         bns[1](torch.randn(3, 2, 4, 4) * 3)

@@ -21,6 +21,14 @@ class Parameterization(str, Enum):
     """A small conv generator and its latent vectors, optimized jointly, fresh per batch (Genie)."""
 
 
+class StatisticsSource(str, Enum):
+    BATCHNORM = "batchnorm"
+    """Targets are BatchNorm running statistics, read at each BN's input (ZeroQ, DSG, Genie)."""
+    WEIGHTS = "weights"
+    """Targets are derived from the weights alone, read at each conv/linear output (GZSQ-style,
+    for models without BatchNorm); see synthesis/weight_stats.py."""
+
+
 class Distance(str, Enum):
     MSE = "mse"
     """Squared error averaged over channels, ``||a - b||^2 / C`` (ZeroQ's and Genie's code)."""
@@ -50,6 +58,8 @@ class SynthesisConfig:
     generator_channels: tuple[int, int] = (128, 64)
     """Widths of the generator's two conv stages (Genie, after GDFQ: 128, 64)."""
 
+    statistics: StatisticsSource = StatisticsSource.BATCHNORM
+    """Where the statistics targets come from."""
     bn_distance: Distance = Distance.MSE
     bn_batch_weight: float = 1.0
     """Weight of matching batch statistics (mean, std over N, H, W) to BN running statistics."""
@@ -78,7 +88,11 @@ class SynthesisConfig:
     """Keep images inside the model's valid input range (e.g. [0, 1] for the zoo's models)."""
 
     def __post_init__(self) -> None:
-        for field, enum in (("parameterization", Parameterization), ("bn_distance", Distance)):
+        for field, enum in (
+            ("parameterization", Parameterization),
+            ("statistics", StatisticsSource),
+            ("bn_distance", Distance),
+        ):
             value = getattr(self, field)
             try:
                 object.__setattr__(self, field, enum(value))
@@ -117,11 +131,16 @@ class SynthesisConfig:
         object.__setattr__(self, "generator_channels", channels)
 
     @property
-    def uses_batchnorm(self) -> bool:
-        """Whether any term of the objective reads BatchNorm statistics."""
+    def uses_statistics(self) -> bool:
+        """Whether the objective has a statistics-matching term."""
         if self.parameterization is Parameterization.NOISE:
             return False
         return self.bn_batch_weight > 0 or self.bn_sample_weight > 0
+
+    @property
+    def uses_batchnorm(self) -> bool:
+        """Whether the objective reads BatchNorm statistics (so needs BatchNorm layers)."""
+        return self.uses_statistics and self.statistics is StatisticsSource.BATCHNORM
 
     def replace(self, **overrides: Any) -> SynthesisConfig:
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})

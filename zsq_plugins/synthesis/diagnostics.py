@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from zsq_plugins.synthesis.config import Distance
-from zsq_plugins.synthesis.hooks import BNStatisticsCapture
+from zsq_plugins.synthesis.hooks import StatisticsCapture, batchnorm_targets
 from zsq_plugins.synthesis.model_info import batchnorm_layers
 from zsq_plugins.synthesis.objectives import distance
 
@@ -27,7 +27,7 @@ def bn_statistics_loss(
         raise ValueError("the model has no BatchNorm layer with running statistics")
     model.eval()
     totals = []
-    capture = BNStatisticsCapture(layers)
+    capture = StatisticsCapture(batchnorm_targets(layers))
     with capture:
         for start in range(0, len(images), batch_size):
             model(images[start : start + batch_size])

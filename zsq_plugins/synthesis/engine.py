@@ -13,9 +13,11 @@ from tqdm.auto import tqdm
 
 from zsq_plugins.errors import ZSQError
 from zsq_plugins.synthesis.augment import augment
-from zsq_plugins.synthesis.config import Parameterization, SynthesisConfig
+from zsq_plugins.synthesis.config import Parameterization, StatisticsSource, SynthesisConfig
 from zsq_plugins.synthesis.hooks import (
-    BNStatisticsCapture,
+    StatisticsCapture,
+    StatisticsTarget,
+    batchnorm_targets,
     capture_input,
     frozen,
     last_linear,
@@ -24,6 +26,18 @@ from zsq_plugins.synthesis.hooks import (
 from zsq_plugins.synthesis.model_info import InputDomain, batchnorm_layers
 from zsq_plugins.synthesis.objectives import plan_batch, total_objective
 from zsq_plugins.synthesis.parameterization import make_source
+from zsq_plugins.synthesis.weight_stats import weight_statistics_targets
+
+
+def statistics_targets(
+    model: nn.Module, config: SynthesisConfig, input_shape: tuple[int, ...]
+) -> list[StatisticsTarget]:
+    """The statistics the objective matches: BN running statistics, or weight-derived ones."""
+    if not config.uses_statistics:
+        return []
+    if config.statistics is StatisticsSource.WEIGHTS:
+        return weight_statistics_targets(model, input_shape)
+    return batchnorm_targets(batchnorm_layers(model))
 
 
 class SynthesisDiverged(ZSQError):
@@ -72,7 +86,7 @@ class SynthesisEngine:
         self.num_classes = num_classes
         self.device = device
         self.dtype = dtype
-        self.bn_layers = batchnorm_layers(model) if config.uses_batchnorm else []
+        self.targets = statistics_targets(model, config, input_shape)
         self.classifier = last_linear(model) if config.decorrelation_weight > 0 else None
 
     def run_batch(self, size: int, seed: int, bar: tqdm | None = None) -> BatchResult:
@@ -86,12 +100,12 @@ class SynthesisEngine:
         source = make_source(
             self.config, self.domain, size, self.input_shape, generator, self.device, self.dtype
         )
-        plan = plan_batch(size, len(self.bn_layers), self.num_classes, generator)
+        plan = plan_batch(size, len(self.targets), self.num_classes, generator)
         initial_loss = final_loss = math.nan
         terms: dict[str, float] = {}
         with (
             frozen(self.model),
-            BNStatisticsCapture(self.bn_layers) as capture,
+            StatisticsCapture(self.targets) as capture,
             capture_input(self.classifier) as features,
             swing_convolution(self.model, self.config.swing, generator),
         ):
@@ -102,7 +116,7 @@ class SynthesisEngine:
                 logits = self.model(augment(self.domain.to_input(z), self.config, generator))
                 loss, terms = total_objective(
                     self.config,
-                    capture.collected() if self.bn_layers else [],
+                    capture.collected() if self.targets else [],
                     targets,
                     z,
                     logits,

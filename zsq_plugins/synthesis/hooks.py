@@ -14,60 +14,78 @@ from torch import nn
 
 
 @dataclasses.dataclass
-class BNStatistics:
-    """Statistics of one BatchNorm layer's input in the last forward pass."""
+class ChannelStatistics:
+    """Per-channel statistics of one captured tensor in the last forward pass."""
 
     batch_mean: torch.Tensor  # (C,)
     batch_std: torch.Tensor  # (C,)
     sample_mean: torch.Tensor  # (N, C)
     sample_std: torch.Tensor  # (N, C)
-    positions: int  # H * W (1 for BatchNorm1d): values per channel per sample
+    positions: int  # H * W (1 for (N, C) tensors): values per channel per sample
 
 
 @dataclasses.dataclass(frozen=True)
-class BNTarget:
+class StatisticsTarget:
+    """Where statistics are read (a module's input or output) and what they should be."""
+
     name: str
+    module: nn.Module
     mean: torch.Tensor
     std: torch.Tensor
+    on_output: bool = False
+    eps: float = 1e-5
 
 
-class BNStatisticsCapture:
-    """Records, at every given BatchNorm, the per-channel mean and std of its input."""
+def batchnorm_targets(
+    layers: list[tuple[str, nn.modules.batchnorm._BatchNorm]],
+) -> list[StatisticsTarget]:
+    """Each BatchNorm's input should have its running mean and std (ZeroQ, DSG, Genie)."""
+    return [
+        StatisticsTarget(
+            name,
+            module,
+            module.running_mean.detach().clone(),
+            torch.sqrt(module.running_var.detach() + module.eps),
+            on_output=False,
+            eps=module.eps,
+        )
+        for name, module in layers
+    ]
 
-    def __init__(self, layers: list[tuple[str, nn.modules.batchnorm._BatchNorm]]) -> None:
-        self.layers = layers
-        self.targets = [
-            BNTarget(
-                name,
-                module.running_mean.detach().clone(),
-                torch.sqrt(module.running_var.detach() + module.eps),
-            )
-            for name, module in layers
-        ]
-        self.stats: list[BNStatistics | None] = [None] * len(layers)
+
+class StatisticsCapture:
+    """Records, at every target's module input or output, the per-channel mean and std."""
+
+    def __init__(self, targets: list[StatisticsTarget]) -> None:
+        self.targets = targets
+        self.stats: list[ChannelStatistics | None] = [None] * len(targets)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def _hook(self, index: int, eps: float):
-        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0]
-            flat = x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)  # (N, C, P)
-            sample_var, sample_mean = torch.var_mean(flat, dim=2, correction=0)
-            batch_mean = sample_mean.mean(0)
-            # Batch variance = mean within-sample variance + variance of the sample means.
-            batch_var = sample_var.mean(0) + ((sample_mean - batch_mean) ** 2).mean(0)
-            self.stats[index] = BNStatistics(
-                batch_mean=batch_mean,
-                batch_std=torch.sqrt(batch_var + eps),
-                sample_mean=sample_mean,
-                sample_std=torch.sqrt(sample_var + eps),
-                positions=flat.shape[2],
-            )
+    def _record(self, index: int, x: torch.Tensor, eps: float) -> None:
+        flat = x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)  # (N, C, P)
+        sample_var, sample_mean = torch.var_mean(flat, dim=2, correction=0)
+        batch_mean = sample_mean.mean(0)
+        # Batch variance = mean within-sample variance + variance of the sample means.
+        batch_var = sample_var.mean(0) + ((sample_mean - batch_mean) ** 2).mean(0)
+        self.stats[index] = ChannelStatistics(
+            batch_mean=batch_mean,
+            batch_std=torch.sqrt(batch_var + eps),
+            sample_mean=sample_mean,
+            sample_std=torch.sqrt(sample_var + eps),
+            positions=flat.shape[2],
+        )
 
-        return record
-
-    def __enter__(self) -> BNStatisticsCapture:
-        for index, (_, module) in enumerate(self.layers):
-            self._handles.append(module.register_forward_pre_hook(self._hook(index, module.eps)))
+    def __enter__(self) -> StatisticsCapture:
+        for index, target in enumerate(self.targets):
+            if target.on_output:
+                hook = target.module.register_forward_hook(
+                    lambda _, args, out, i=index, e=target.eps: self._record(i, out, e)
+                )
+            else:
+                hook = target.module.register_forward_pre_hook(
+                    lambda _, args, i=index, e=target.eps: self._record(i, args[0], e)
+                )
+            self._handles.append(hook)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -75,10 +93,10 @@ class BNStatisticsCapture:
             handle.remove()
         self._handles.clear()
 
-    def collected(self) -> list[BNStatistics]:
+    def collected(self) -> list[ChannelStatistics]:
         missing = [t.name for t, s in zip(self.targets, self.stats, strict=True) if s is None]
         if missing:
-            raise RuntimeError(f"BatchNorm layers not reached by the forward pass: {missing}")
+            raise RuntimeError(f"layers not reached by the forward pass: {missing}")
         return [s for s in self.stats if s is not None]
 
 

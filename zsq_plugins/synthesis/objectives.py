@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from zsq_plugins.synthesis.config import Distance, SynthesisConfig
-from zsq_plugins.synthesis.hooks import BNStatistics, BNTarget
+from zsq_plugins.synthesis.hooks import ChannelStatistics, StatisticsTarget
 
 
 def distance(value: torch.Tensor, target: torch.Tensor, kind: Distance) -> torch.Tensor:
@@ -65,8 +65,8 @@ def plan_batch(
 
 
 def bn_loss_terms(
-    stats: list[BNStatistics],
-    targets: list[BNTarget],
+    stats: list[ChannelStatistics],
+    targets: list[StatisticsTarget],
     config: SynthesisConfig,
     plan: BatchPlan,
 ) -> dict[str, torch.Tensor]:
@@ -122,8 +122,8 @@ def decorrelation(features: torch.Tensor) -> torch.Tensor:
 
 def total_objective(
     config: SynthesisConfig,
-    stats: list[BNStatistics],
-    targets: list[BNTarget],
+    stats: list[ChannelStatistics],
+    targets: list[StatisticsTarget],
     z: torch.Tensor,
     logits: torch.Tensor,
     features: torch.Tensor | None,

@@ -1,0 +1,89 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import SHAPE
+from zsq_plugins import synthesize
+from zsq_plugins.errors import UnsupportedModelError
+from zsq_plugins.quant.fold import fold_batchnorm
+from zsq_plugins.synthesis.weight_stats import (
+    clamped_gaussian,
+    max_of_gaussians,
+    propagate,
+    weight_statistics_targets,
+)
+from zsq_plugins.zoo._layers import Normalize
+
+
+@pytest.mark.parametrize(("low", "high"), [(0.0, math.inf), (0.0, 6.0), (-1.0, 1.0)])
+def test_clamped_gaussian_moments_match_sampling(low, high):
+    mean, var = torch.tensor([0.5, -1.0]), torch.tensor([4.0, 0.25])
+    got_mean, got_var = clamped_gaussian((mean, var), low, high)
+    samples = torch.randn(400_000, 2, generator=torch.Generator().manual_seed(0))
+    clamped = (samples * var.sqrt() + mean).clamp(low, high)
+    torch.testing.assert_close(got_mean, clamped.mean(0), atol=0.01, rtol=0)
+    torch.testing.assert_close(got_var, clamped.var(0), atol=0.02, rtol=0)
+
+
+def test_max_of_gaussians_known_values():
+    mean, var = max_of_gaussians(2)
+    assert mean == pytest.approx(1 / math.sqrt(math.pi), abs=0.01)  # E[max of 2] = 1/sqrt(pi)
+    assert var == pytest.approx(1 - 1 / math.pi, abs=0.01)
+
+
+def _no_bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        Normalize((0.5,), (0.25,)),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 3),
+    ).eval()
+
+
+def test_first_layer_moments_follow_from_its_weights():
+    model = _no_bn_model()
+    moments = propagate(fold_batchnorm(model), SHAPE)
+    conv = model[1]
+    mean, var = moments["1"]
+    sums = conv.weight.detach().sum(dim=(1, 2, 3))
+    torch.testing.assert_close(mean, conv.bias.detach())  # standardized input: mean 0
+    torch.testing.assert_close(var, sums.pow(2))  # spatially smooth input, unit variance
+    assert list(moments) == ["1", "4", "7"]
+
+
+def test_targets_are_read_after_batchnorm_when_it_follows():
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(72, 2)
+    ).eval()
+    targets = weight_statistics_targets(model, SHAPE)
+    assert [t.name for t in targets] == ["0", "4"]
+    assert targets[0].module is model[1] and targets[0].on_output
+
+
+def test_weight_statistics_objective_falls_on_a_model_without_batchnorm():
+    data = synthesize(
+        _no_bn_model(), 8, "zeroq", input_shape=SHAPE, statistics="weights", iterations=30,
+        batch_size=8, clamp_to_input_range=True, progress=False,
+    )  # fmt: skip
+    (shard,) = data.manifest["shards"]
+    assert shard["final_loss"] < 0.8 * shard["initial_loss"]
+
+
+def test_unsupported_operation_is_named():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            return torch.sigmoid(self.conv(x)).flatten(1)
+
+    with pytest.raises(UnsupportedModelError, match="sigmoid"):
+        weight_statistics_targets(Odd(), SHAPE)
