@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zsq_plugins.adapter import QuantizedModel, QuantizerKind
+from zsq_plugins.adapter import HandleBase, QuantizedModel, QuantizerKind
 from zsq_plugins.errors import UnsupportedModelError
 from zsq_plugins.quant.fold import fold_batchnorm, trace
 from zsq_plugins.quant.reference import eight_bit_layers, quantizable_layers
@@ -80,7 +80,7 @@ def _brevitas() -> SimpleNamespace:
     )  # fmt: skip
 
 
-class BrevitasQuantizerHandle:
+class BrevitasQuantizerHandle(HandleBase):
     """A Brevitas quant proxy seen through the QuantizerHandle protocol.
 
     Brevitas stores a threshold ``value`` (the float range) and derives the step size as
@@ -91,23 +91,12 @@ class BrevitasQuantizerHandle:
     """
 
     def __init__(self, layer: str, kind: QuantizerKind, proxy: nn.Module, axis: int | None) -> None:
-        self._layer, self._kind, self._proxy, self._axis = layer, kind, proxy, axis
+        super().__init__(layer, kind, proxy)
+        self._proxy, self._axis = proxy, axis
         if kind is QuantizerKind.WEIGHT:
             self._tensor_quant = proxy.tensor_quant
         else:
             self._tensor_quant = proxy.fused_activation_quant_proxy.tensor_quant
-
-    @property
-    def layer(self) -> str:
-        return self._layer
-
-    @property
-    def kind(self) -> QuantizerKind:
-        return self._kind
-
-    @property
-    def module(self) -> nn.Module:
-        return self._proxy
 
     @property
     def axis(self) -> int | None:
@@ -190,9 +179,6 @@ class BrevitasQuantizerHandle:
             return (function(args[0]), *output[1:])
 
         return self._tensor_quant.register_forward_hook(replace)
-
-    def __repr__(self) -> str:
-        return f"BrevitasQuantizerHandle({self.layer!r}, {self.kind.value}, {self.bits} bits)"
 
 
 def _is_nonnegative(node: Any, modules: dict[str, nn.Module], memo: dict[Any, bool]) -> bool:

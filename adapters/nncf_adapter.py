@@ -21,14 +21,14 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from zsq_plugins.adapter import QuantizedModel, QuantizerKind
+from zsq_plugins.adapter import HandleBase, QuantizedModel, QuantizerKind
 from zsq_plugins.quant.export import ContainerFakeQuantize
 from zsq_plugins.quant.fold import fold_batchnorm, trace
 from zsq_plugins.quant.reference import eight_bit_layers, quantizable_layers
@@ -52,7 +52,7 @@ def _images(batch: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, tuple | list) else batch
 
 
-class NNCFQuantizerHandle:
+class NNCFQuantizerHandle(HandleBase):
     """An NNCF ``SymmetricQuantizer`` / ``AsymmetricQuantizer`` through the QuantizerHandle
     protocol (scale = step size, integer zero point).
 
@@ -67,20 +67,9 @@ class NNCFQuantizerHandle:
     def __init__(self, layer: str, kind: QuantizerKind, module: nn.Module, hook: str) -> None:
         if module.is_using_log_scale_storage:
             raise ValueError(f"{hook}: quantizers with log-scale storage are not supported")
-        self._layer, self._kind, self._module, self.hook = layer, kind, module, hook
+        super().__init__(layer, kind, module)
+        self.hook = hook
         self.symmetric = not hasattr(module, "input_low")
-
-    @property
-    def layer(self) -> str:
-        return self._layer
-
-    @property
-    def kind(self) -> QuantizerKind:
-        return self._kind
-
-    @property
-    def module(self) -> nn.Module:
-        return self._module
 
     @property
     def bits(self) -> int:
@@ -160,17 +149,6 @@ class NNCFQuantizerHandle:
         # NNCF's switch is the ``enabled`` buffer; its enable/disable_quantization() also
         # flip requires_grad of the scales, which would change what the core optimizes.
         self._module.enabled.fill_(int(enabled))
-
-    def override(
-        self, function: Callable[[torch.Tensor], torch.Tensor]
-    ) -> torch.utils.hooks.RemovableHandle:
-        def replace(_: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return function(args[0]) if self.enabled else output
-
-        return self._module.register_forward_hook(replace)
-
-    def __repr__(self) -> str:
-        return f"NNCFQuantizerHandle({self.layer!r}, {self.kind.value}, {self.bits} bits)"
 
 
 def folded_eager(model: nn.Module, folded: torch.fx.GraphModule) -> nn.Module:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from zsq_plugins.adapter import QuantizedModel, QuantizerKind
+from zsq_plugins.adapter import HandleBase, QuantizedModel, QuantizerKind
 from zsq_plugins.quant.export import ContainerFakeQuantize
 from zsq_plugins.quant.fold import fold_batchnorm, trace
 from zsq_plugins.quant.reference import eight_bit_layers, quantizable_layers
@@ -90,23 +90,8 @@ def _qconfig(weight_bits: int, act_bits: int, spec: QuantSpec):
     )
 
 
-class FakeQuantizeHandle:
+class FakeQuantizeHandle(HandleBase):
     """A torch.ao FakeQuantize seen through the QuantizerHandle protocol."""
-
-    def __init__(self, layer: str, kind: QuantizerKind, module: nn.Module) -> None:
-        self._layer, self._kind, self._module = layer, kind, module
-
-    @property
-    def layer(self) -> str:
-        return self._layer
-
-    @property
-    def kind(self) -> QuantizerKind:
-        return self._kind
-
-    @property
-    def module(self) -> nn.Module:
-        return self._module
 
     @property
     def quant_min(self) -> int:
@@ -147,17 +132,6 @@ class FakeQuantizeHandle:
 
     def set_enabled(self, enabled: bool) -> None:
         self._module.enable_fake_quant(enabled)
-
-    def override(
-        self, function: Callable[[torch.Tensor], torch.Tensor]
-    ) -> torch.utils.hooks.RemovableHandle:
-        def replace(_: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return function(args[0]) if self.enabled else output
-
-        return self._module.register_forward_hook(replace)
-
-    def __repr__(self) -> str:
-        return f"FakeQuantizeHandle({self.layer!r}, {self.kind.value}, {self.bits} bits)"
 
 
 def _is_fake_quant(graph_module: torch.fx.GraphModule, node: torch.fx.Node) -> bool:

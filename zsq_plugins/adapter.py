@@ -89,6 +89,45 @@ class QuantizerHandle(Protocol):
         toolkit's own model."""
 
 
+class HandleBase:
+    """What every adapter's handle stores the same way: its layer, kind and quantizer module.
+    Adapters subclass it and add the toolkit-specific reads and writes."""
+
+    def __init__(self, layer: str, kind: QuantizerKind, module: nn.Module) -> None:
+        self._layer, self._kind, self._module = layer, kind, module
+
+    @property
+    def layer(self) -> str:
+        return self._layer
+
+    @property
+    def kind(self) -> QuantizerKind:
+        return self._kind
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    @property
+    def enabled(self) -> bool:
+        raise NotImplementedError
+
+    def override(
+        self, function: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Default for quantizer modules that map a tensor to a tensor: a forward hook that
+        returns ``function(input)`` while the quantizer is enabled."""
+
+        def replace(_: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return function(args[0]) if self.enabled else output
+
+        return self._module.register_forward_hook(replace)
+
+    def __repr__(self) -> str:
+        bits = getattr(self, "bits", "?")
+        return f"{type(self).__name__}({self.layer!r}, {self.kind.value}, {bits} bits)"
+
+
 @dataclasses.dataclass
 class QuantizedModel:
     """A toolkit-native quantized model and the handles of its quantizers."""

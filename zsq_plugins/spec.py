@@ -7,6 +7,7 @@ import json
 from enum import Enum
 from typing import Any
 
+from zsq_plugins.configio import to_json_dict
 from zsq_plugins.errors import ZSQError
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -79,13 +80,7 @@ class QuantSpec:
         return f"W{self.weight_bits}A{self.act_bits}"
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        for key, value in data.items():
-            if isinstance(value, Enum):
-                data[key] = value.value
-            elif isinstance(value, tuple):
-                data[key] = list(value)
-        return data
+        return to_json_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantSpec:

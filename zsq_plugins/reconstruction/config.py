@@ -12,6 +12,7 @@ import json
 from enum import Enum
 from typing import Any
 
+from zsq_plugins.configio import checked_replace, to_json_dict
 from zsq_plugins.reconstruction.blocks import Granularity
 
 
@@ -80,16 +81,10 @@ class ReconstructionConfig:
             raise ValueError("the rectified sigmoid needs gamma < 0 and zeta > 1")
 
     def replace(self, **overrides: Any) -> ReconstructionConfig:
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            valid = ", ".join(f.name for f in dataclasses.fields(self))
-            raise ValueError(f"unknown reconstruction option(s) {unknown}; valid: {valid}")
-        return dataclasses.replace(self, **overrides)
+        return checked_replace(self, "reconstruction", **overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["granularity"] = self.granularity.value
-        return data
+        return to_json_dict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -11,6 +11,8 @@ import json
 from enum import Enum
 from typing import Any
 
+from zsq_plugins.configio import checked_replace, to_json_dict
+
 
 class Parameterization(str, Enum):
     NOISE = "noise"
@@ -143,20 +145,10 @@ class SynthesisConfig:
         return self.uses_statistics and self.statistics is StatisticsSource.BATCHNORM
 
     def replace(self, **overrides: Any) -> SynthesisConfig:
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            valid = ", ".join(f.name for f in dataclasses.fields(self))
-            raise ValueError(f"unknown synthesis option(s) {unknown}; valid options: {valid}")
-        return dataclasses.replace(self, **overrides)
+        return checked_replace(self, "synthesis", **overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        for key, value in data.items():
-            if isinstance(value, Enum):
-                data[key] = value.value
-            elif isinstance(value, tuple):
-                data[key] = list(value)
-        return data
+        return to_json_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SynthesisConfig:
