@@ -93,6 +93,8 @@ def _qconfig(weight_bits: int, act_bits: int, spec: QuantSpec):
 class FakeQuantizeHandle(HandleBase):
     """A torch.ao FakeQuantize seen through the QuantizerHandle protocol."""
 
+    reciprocal_scale = True  # torch's fake-quantize kernels multiply by 1 / scale
+
     @property
     def quant_min(self) -> int:
         return int(self._module.quant_min)
@@ -118,6 +120,26 @@ class FakeQuantizeHandle(HandleBase):
 
     def set_scale(self, value: torch.Tensor) -> None:
         self._module.scale = value.detach().to(self._module.scale).reshape(self._module.scale.shape)
+        self._sync_observer()
+
+    def _sync_observer(self) -> None:
+        """Makes the observer's range give back this scale and zero point: ``convert_fx``
+        recomputes quantization parameters from the observer, not from the scale buffer."""
+        observer = self._module.activation_post_process
+        scale = self._module.scale.detach().float()
+        zero_point = self._module.zero_point.detach().float()
+        symmetric = self._module.qscheme in (
+            torch.per_tensor_symmetric,
+            torch.per_channel_symmetric,
+        )
+        if symmetric:  # torch: scale = max(|min|, max) / ((quant_max - quant_min) / 2)
+            high = scale * (self.quant_max - self.quant_min) / 2
+            low = -high
+        else:  # torch: scale = (max - min) / (quant_max - quant_min), zero point from min
+            low = (self.quant_min - zero_point) * scale
+            high = (self.quant_max - zero_point) * scale
+        observer.min_val = low.reshape(observer.min_val.shape).to(observer.min_val)
+        observer.max_val = high.reshape(observer.max_val.shape).to(observer.max_val)
 
     def zero_point(self) -> torch.Tensor:
         return self._module.zero_point.detach().clone()
@@ -125,6 +147,7 @@ class FakeQuantizeHandle(HandleBase):
     def set_zero_point(self, value: torch.Tensor) -> None:
         current = self._module.zero_point
         self._module.zero_point = torch.round(value.detach()).to(current).reshape(current.shape)
+        self._sync_observer()
 
     @property
     def enabled(self) -> bool:

@@ -93,6 +93,11 @@ class HandleBase:
     """What every adapter's handle stores the same way: its layer, kind and quantizer module.
     Adapters subclass it and add the toolkit-specific reads and writes."""
 
+    reciprocal_scale: bool = False
+    """Whether the toolkit's kernel rounds ``x * (1 / scale)`` rather than ``x / scale``. The
+    two differ in the last bit, which decides ties (common after average pooling of values on
+    the grid), so the core's own quantizers follow the toolkit's arithmetic."""
+
     def __init__(self, layer: str, kind: QuantizerKind, module: nn.Module) -> None:
         self._layer, self._kind, self._module = layer, kind, module
 

@@ -65,9 +65,15 @@ class LSQActivation(nn.Module):
     """Per-tensor fake quantization with a learned step size (LSQ's gradient scaling)."""
 
     def __init__(
-        self, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int
+        self,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        quant_min: int,
+        quant_max: int,
+        reciprocal: bool = False,
     ) -> None:
         super().__init__()
+        self.reciprocal = reciprocal
         self.scale = nn.Parameter(scale.detach().flatten()[:1].float().clone())
         self.register_buffer("zero_point", zero_point.detach().flatten()[:1].float().round())
         self.quant_min, self.quant_max = quant_min, quant_max
@@ -76,5 +82,6 @@ class LSQActivation(nn.Module):
         # LSQ scales the step's gradient by 1 / sqrt(numel * qmax) for stable learning.
         factor = 1.0 / (x.numel() / x.shape[0] * self.quant_max) ** 0.5
         scale = self.scale * factor + (self.scale - self.scale * factor).detach()
-        levels = torch.clamp(round_ste(x / scale) + self.zero_point, self.quant_min, self.quant_max)
+        scaled = x * (1.0 / scale) if self.reciprocal else x / scale  # the toolkit's arithmetic
+        levels = torch.clamp(round_ste(scaled) + self.zero_point, self.quant_min, self.quant_max)
         return (levels - self.zero_point) * scale

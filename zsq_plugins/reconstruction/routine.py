@@ -1,0 +1,292 @@
+"""The block-reconstruction routine, run on a toolkit's own quantized model through handles.
+
+For each block (blocks.py), in order:
+1. targets: the BN-folded FP model's value where the block's output is consumed (the input of
+   the next block's first layer; the logits for the last block), on every calibration image;
+2. the block's weight quantizers are overridden by AdaRound's soft rounding (with a learned
+   step for Genie-M), its activation quantizers by LSQ learned steps, with QDrop's random
+   dropping of activation quantization while learning;
+3. minibatches run through the *toolkit's* model, stopped right after the block's output point
+   (the prefix is the already-reconstructed quantized model, as in BRECQ), and the rounding
+   and steps minimize the reconstruction error plus AdaRound's annealed regularizer;
+4. results are written back on the toolkit's grid: each weight becomes its hard-rounded value
+   (on the grid, so the toolkit's own rounding reproduces it), each learned step is set
+   through its handle, and the overrides are removed.
+Memory follows the block: only the current block's targets are held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from zsq_plugins.adapter import QuantizedModel, QuantizerHandle
+from zsq_plugins.errors import ZSQError
+from zsq_plugins.quant.fold import fold_batchnorm
+from zsq_plugins.reconstruction.blocks import Block, find_blocks
+from zsq_plugins.reconstruction.config import ReconstructionConfig
+from zsq_plugins.reconstruction.rounding import AdaRoundWeight, LSQActivation
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the block's output point is reached."""
+
+
+@dataclasses.dataclass
+class BlockReport:
+    name: str
+    layers: int
+    initial_loss: float
+    final_loss: float
+    seconds: float
+    fidelity: float
+    """Max |routine's final output - toolkit-native output| at the block's output point."""
+
+
+@dataclasses.dataclass
+class ReconstructionReport:
+    blocks: list[BlockReport]
+    seconds: float
+    config: dict
+
+    def to_dict(self) -> dict:
+        return {
+            "blocks": [dataclasses.asdict(b) for b in self.blocks],
+            "seconds": self.seconds,
+            "config": self.config,
+        }
+
+
+def _first_layer(block: Block) -> str | None:
+    return block.layers[0] if block.layers else None
+
+
+@contextmanager
+def _capture_at(model: nn.Module, layer: str | None) -> Iterator[list[torch.Tensor]]:
+    """Yields a list that receives the input of ``layer`` (and stops the forward there), or
+    the model's output when ``layer`` is None."""
+    store: list[torch.Tensor] = []
+    if layer is None:
+        hook = model.register_forward_hook(lambda _, args, out: store.append(out))
+    else:
+
+        def record(_: nn.Module, args: tuple) -> None:
+            store.append(args[0])
+            raise _Stop
+
+        hook = model.get_submodule(layer).register_forward_pre_hook(record)
+    try:
+        yield store
+    finally:
+        hook.remove()
+
+
+def _run_to(model: nn.Module, x: torch.Tensor, store: list[torch.Tensor]) -> torch.Tensor:
+    store.clear()
+    try:
+        output = model(x)
+    except _Stop:
+        pass
+    else:
+        if not store:
+            store.append(output)
+    value = store[0]
+    return getattr(value, "value", value)  # a toolkit may hand over a wrapped tensor
+
+
+def _float_weights(
+    model: nn.Module, handles: list[QuantizerHandle], x: torch.Tensor, point: str | None
+) -> list[torch.Tensor]:
+    """The float weight each weight quantizer receives (the tensor the toolkit quantizes)."""
+    seen: dict[int, torch.Tensor] = {}
+    removers = [
+        handle.override(lambda w, i=i: seen.setdefault(i, w)) for i, handle in enumerate(handles)
+    ]
+    try:
+        with torch.no_grad(), _capture_at(model, point) as store:
+            _run_to(model, x[:1], store)
+    finally:
+        for remover in removers:
+            remover.remove()
+    missing = [h.layer for i, h in enumerate(handles) if i not in seen]
+    if missing:
+        raise ZSQError(f"weight quantizers of {missing} did not run before the block's output")
+    return [seen[i] for i in range(len(handles))]
+
+
+def _beta(config: ReconstructionConfig, step: int) -> float | None:
+    """AdaRound's temperature: None during warm-up, then linear from beta_start to beta_end."""
+    start = config.warmup * config.iterations
+    if step < start:
+        return None
+    progress = (step - start) / max(1.0, config.iterations - start)
+    return config.beta_start + (config.beta_end - config.beta_start) * progress
+
+
+def reconstruct_block(
+    quantized: QuantizedModel,
+    block: Block,
+    point: str | None,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    config: ReconstructionConfig,
+    generator: torch.Generator,
+    bar: tqdm | None = None,
+) -> BlockReport:
+    model = quantized.model
+    names = set(block.layers) | set(block.nodes)
+    weight_handles = [h for h in quantized.weight_handles() if h.layer in block.layers]
+    act_handles = [h for h in quantized.activation_handles() if h.layer in names and h.enabled]
+    started = time.perf_counter()
+    floats = _float_weights(model, weight_handles, images, point)
+    learn_scale = config.weight_scale_lr > 0
+    roundings = [
+        AdaRoundWeight(
+            w.detach(),
+            h.scale(),
+            h.zero_point(),
+            h.quant_min,
+            h.quant_max,
+            config.zeta,
+            config.gamma,
+            learn_scale,
+        )
+        for w, h in zip(floats, weight_handles, strict=True)
+    ]
+    steps = [
+        LSQActivation(
+            h.scale(),
+            h.zero_point(),
+            h.quant_min,
+            h.quant_max,
+            getattr(h, "reciprocal_scale", False),
+        )
+        for h in act_handles
+    ]
+    training = {"on": True}
+
+    def activation(lsq: LSQActivation):
+        def quantize(x: torch.Tensor) -> torch.Tensor:
+            q = lsq(x)
+            if training["on"] and config.drop_probability > 0:  # QDrop
+                keep_float = torch.rand(x.shape, generator=generator) < config.drop_probability
+                q = torch.where(keep_float.to(x.device), x, q)
+            return q
+
+        return quantize
+
+    removers = [
+        h.override(lambda _, r=r: r(hard=not training["on"]))
+        for h, r in zip(weight_handles, roundings, strict=True)
+    ]
+    if config.learn_act_scales:
+        removers += [h.override(activation(s)) for h, s in zip(act_handles, steps, strict=True)]
+    groups = [{"params": [r.rounding for r in roundings], "lr": config.rounding_lr}]
+    scale_groups = []
+    if learn_scale:
+        scale_groups.append({"params": [r.scale for r in roundings], "lr": config.weight_scale_lr})
+    if config.learn_act_scales and steps and config.act_scale_lr > 0:
+        scale_groups.append({"params": [s.scale for s in steps], "lr": config.act_scale_lr})
+    optimizer = torch.optim.Adam(groups + scale_groups)
+    scale_params = [p for g in scale_groups for p in g["params"]]
+    initial = final = math.nan
+    try:
+        with _capture_at(model, point) as store:
+            for step in range(config.iterations):
+                index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
+                output = _run_to(model, images[index], store)
+                loss = (output - targets[index]).pow(2).flatten(1).sum(1).mean()
+                reconstruction = float(loss.detach())
+                beta = _beta(config, step)
+                if beta is not None and roundings:
+                    loss = loss + config.rounding_weight * sum(
+                        r.regularizer(beta) for r in roundings
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for parameter in scale_params:  # a step size must stay positive
+                    parameter.data.clamp_(min=1e-8)
+                if step == 0:
+                    initial = reconstruction
+                final = reconstruction
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(block=block.name, loss=f"{reconstruction:.4g}", refresh=False)
+    finally:
+        training["on"] = False
+    probe = images[: config.batch_size]
+    try:
+        with torch.no_grad(), _capture_at(model, point) as store:
+            routine_output = _run_to(model, probe, store).clone()  # hard rounding, no QDrop
+    finally:
+        for remover in removers:
+            remover.remove()
+    with torch.no_grad():  # write back on the toolkit's own grid
+        for weight, handle, rounding in zip(floats, weight_handles, roundings, strict=True):
+            handle.set_scale(rounding.scale.detach().flatten())
+            weight.copy_(rounding(hard=True).reshape(weight.shape).to(weight))
+        if config.learn_act_scales:
+            for handle, lsq in zip(act_handles, steps, strict=True):
+                handle.set_scale(lsq.scale.detach().reshape(handle.scale().shape))
+        with _capture_at(model, point) as store:
+            native_output = _run_to(model, probe, store)
+    fidelity = float((native_output - routine_output).abs().max())
+    return BlockReport(
+        block.name,
+        len(block.layers),
+        initial,
+        final,
+        round(time.perf_counter() - started, 3),
+        fidelity,
+    )
+
+
+def reconstruct(
+    quantized: QuantizedModel,
+    fp_model: nn.Module,
+    images: torch.Tensor,
+    config: ReconstructionConfig | None = None,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> ReconstructionReport:
+    """Reconstructs ``quantized`` (a toolkit's model from an adapter) block by block so that it
+    reproduces ``fp_model`` on ``images`` (real or synthetic calibration images)."""
+    config = config or ReconstructionConfig()
+    folded = fold_batchnorm(fp_model)
+    blocks = find_blocks(folded, config.granularity)
+    generator = torch.Generator().manual_seed(seed)
+    quantized.model.eval()
+    reports = []
+    started = time.perf_counter()
+    with tqdm(
+        total=config.iterations * len(blocks), desc="reconstruct", unit="step", disable=not progress
+    ) as bar:
+        for index, block in enumerate(blocks):
+            point = _first_layer(blocks[index + 1]) if index + 1 < len(blocks) else None
+            with torch.no_grad(), _capture_at(folded, point) as store:
+                targets = torch.cat(
+                    [
+                        _run_to(folded, images[i : i + 256], store).detach()
+                        for i in range(0, len(images), 256)
+                    ]
+                )
+            report = reconstruct_block(
+                quantized, block, point, images, targets, config, generator, bar
+            )
+            log.info(
+                "block %s: loss %.4g -> %.4g", block.name, report.initial_loss, report.final_loss
+            )
+            reports.append(report)
+    return ReconstructionReport(reports, round(time.perf_counter() - started, 3), config.to_dict())
