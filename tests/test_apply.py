@@ -32,7 +32,8 @@ def test_zero_shot_apply_with_a_preset():
     x = torch.rand(4, 1, 8, 8)
     assert quantized(x).shape == (4, 4)
     assert report.toolkit == "fx" and report.data == "zeroq" and report.num_samples == 12
-    assert set(report.timings_s) == {"data", "quantize_and_calibrate", "total"}
+    assert set(report.timings_s) == {"data", "quantize_and_calibrate", "reconstruct", "total"}
+    assert report.reconstruction is None
     assert report.quantized.model is quantized
     assert {h.bits for h in report.quantized.weight_handles()} == {4, 8}
     assert report.to_dict()["spec"]["weight_bits"] == 4
@@ -81,6 +82,23 @@ def test_untraceable_model_names_the_cause():
         apply(Branchy(), "fx", data=torch.rand(4, 1, 8, 8))
 
 
-def test_reconstruction_is_refused_until_available():
-    with pytest.raises(ValueError, match="reconstruct"):
-        apply(_model(), "fx", data=torch.rand(4, 1, 8, 8), reconstruct="genie-m")
+def test_apply_with_reconstruction():
+    model = _model()
+    images = torch.rand(32, 1, 8, 8)
+    _, report = apply(
+        model,
+        "fx",
+        QuantSpec.parse("W3A4"),
+        data=images,
+        reconstruct="genie-m",
+        reconstruct_options={"iterations": 10},
+        progress=False,
+    )
+    assert report.reconstruction is not None
+    assert all(block.fidelity <= 1e-5 for block in report.reconstruction.blocks)
+    assert report.to_dict()["reconstruction"]["config"]["weight_scale_lr"] == 1e-4
+
+
+def test_unknown_reconstruction_preset_lists_the_known_ones():
+    with pytest.raises(UnknownPluginError, match="adaround, brecq, genie-m, qdrop"):
+        apply(_model(), "fx", data=torch.rand(4, 1, 8, 8), reconstruct="optq")

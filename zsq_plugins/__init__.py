@@ -13,6 +13,7 @@ from zsq_plugins.errors import (
     ZSQError,
 )
 from zsq_plugins.evaluation import EvalResult, evaluate
+from zsq_plugins.reconstruction import reconstruct
 from zsq_plugins.spec import Granularity, QuantSpec, Symmetry
 from zsq_plugins.synthesis import SyntheticDataset, calibration_loader, synthesize
 
@@ -37,6 +38,7 @@ __all__ = [
     "apply",
     "calibration_loader",
     "evaluate",
+    "reconstruct",
     "synthesize",
     "zoo",
 ]

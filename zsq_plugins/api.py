@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from zsq_plugins.adapter import ADAPTERS, QuantizedModel, get_adapter, installed_adapters
 from zsq_plugins.errors import UnknownPluginError
+from zsq_plugins.reconstruction import RECONSTRUCTIONS, ReconstructionReport
+from zsq_plugins.reconstruction import reconstruct as run_reconstruction
 from zsq_plugins.spec import QuantSpec
 from zsq_plugins.synthesis.api import calibration_loader, synthesize
 
@@ -34,6 +36,7 @@ class ApplyReport:
     timings_s: dict[str, float]
     quantized: QuantizedModel
     """The toolkit's model with its quantizer handles."""
+    reconstruction: ReconstructionReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +48,7 @@ class ApplyReport:
             "timings_s": self.timings_s,
             "quantizers": len(self.quantized.handles),
             "adapter_report": self.quantized.report,
+            "reconstruction": self.reconstruction.to_dict() if self.reconstruction else None,
         }
 
 
@@ -75,6 +79,8 @@ def apply(
     reconstruct: str | None = None,
     seed: int = 0,
     *,
+    reconstruct_budget: str = "cpu",
+    reconstruct_options: dict[str, Any] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     **synthesis: Any,
@@ -83,15 +89,16 @@ def apply(
     calibrated on ``data``: a generator preset name (synthesized for the model: zero-shot),
     or your own Dataset, DataLoader or tensor of images.
 
-    Returns the toolkit-native quantized model and a report (settings, timings, and
-    ``report.quantized`` with the quantizer handles). ``synthesis`` options (``budget``,
-    ``iterations``...) go to ``synthesize`` when ``data`` is a preset name.
+    ``reconstruct`` names a reconstruction preset (``adaround``, ``brecq``, ``qdrop``,
+    ``genie-m``) run on the toolkit's own model after calibration, with the same images and
+    ``reconstruct_budget`` (``cpu`` or ``paper``); ``reconstruct_options`` override any
+    ReconstructionConfig field (``{"iterations": 500}``). Returns the toolkit-native quantized model
+    and a report (settings, timings, ``report.quantized`` with the quantizer handles).
+    ``synthesis`` options (``budget``, ``iterations``...) go to ``synthesize`` when ``data`` is
+    a preset name.
     """
     if reconstruct is not None:
-        raise ValueError(
-            f"reconstruct={reconstruct!r}: block reconstruction is not part of this version "
-            "yet; call apply with reconstruct=None"
-        )
+        RECONSTRUCTIONS.get(reconstruct)  # an unknown preset fails before any work
     spec = spec if spec is not None else QuantSpec()
     if toolkit not in ADAPTERS:
         raise UnknownPluginError(
@@ -109,6 +116,19 @@ def apply(
     first = next(iter(loader))
     example_input = (first[0] if isinstance(first, tuple | list) else first)[:2]
     quantized = adapter.quantize(model, spec, loader, example_input)
+    calibrated = time.perf_counter()
+    reconstruction = None
+    if reconstruct is not None:
+        images = torch.cat([b[0] if isinstance(b, tuple | list) else b for b in loader])
+        reconstruction = run_reconstruction(
+            quantized,
+            model,
+            images,
+            reconstruct,
+            budget=reconstruct_budget,
+            seed=seed,
+            progress=progress,
+        )
     done = time.perf_counter()
     report = ApplyReport(
         toolkit=toolkit,
@@ -118,10 +138,12 @@ def apply(
         seed=seed,
         timings_s={
             "data": round(data_ready - started, 3),
-            "quantize_and_calibrate": round(done - data_ready, 3),
+            "quantize_and_calibrate": round(calibrated - data_ready, 3),
+            "reconstruct": round(done - calibrated, 3),
             "total": round(done - started, 3),
         },
         quantized=quantized,
+        reconstruction=reconstruction,
     )
     log.info("apply(%s, %s): %s", toolkit, spec.label, report.timings_s)
     return quantized.model, report

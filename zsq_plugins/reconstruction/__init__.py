@@ -1,1 +1,42 @@
 """Block reconstruction shared by every toolkit (AdaRound, BRECQ, QDrop, Genie-M)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from zsq_plugins.adapter import QuantizedModel
+from zsq_plugins.reconstruction.config import ReconBudget, ReconstructionConfig
+from zsq_plugins.reconstruction.presets import RECONSTRUCTIONS, ReconstructionPreset
+from zsq_plugins.reconstruction.routine import ReconstructionReport
+from zsq_plugins.reconstruction.routine import reconstruct as _run
+
+
+def reconstruct(
+    quantized: QuantizedModel,
+    fp_model: nn.Module,
+    images: torch.Tensor,
+    preset: str = "genie-m",
+    budget: ReconBudget | str = ReconBudget.CPU,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    **overrides: Any,
+) -> ReconstructionReport:
+    """Reconstructs a toolkit's quantized model (``report.quantized`` of ``apply``, or an
+    adapter's ``quantize`` result) towards ``fp_model`` on ``images``, block by block, and
+    writes the learned rounding and step sizes back into the toolkit's own quantizers."""
+    config = RECONSTRUCTIONS.get(preset).config(budget).replace(**overrides)
+    return _run(quantized, fp_model, images, config, seed=seed, progress=progress)
+
+
+__all__ = [
+    "RECONSTRUCTIONS",
+    "ReconBudget",
+    "ReconstructionConfig",
+    "ReconstructionPreset",
+    "ReconstructionReport",
+    "reconstruct",
+]

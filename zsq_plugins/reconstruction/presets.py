@@ -1,0 +1,57 @@
+"""Reconstruction presets: named configurations of the one routine."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from zsq_plugins.reconstruction.config import ReconBudget, ReconstructionConfig
+from zsq_plugins.registry import Registry
+
+CPU_ITERATIONS = 1000
+"""Steps per block of the ``cpu`` budget (the papers' is 20000): chosen so that generating 1024
+images and reconstructing resnet20_fmnist fit the project's 15-minute target on 2 threads;
+its accuracy cost against ``paper`` is measured by benchmarks/reconstruction.py."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReconstructionPreset:
+    name: str
+    description: str
+    paper: ReconstructionConfig
+
+    def config(self, budget: ReconBudget | str = ReconBudget.CPU) -> ReconstructionConfig:
+        try:
+            budget = ReconBudget(budget)
+        except ValueError:
+            raise ValueError(f"budget must be 'paper' or 'cpu', got {budget!r}") from None
+        if budget is ReconBudget.PAPER:
+            return self.paper
+        return self.paper.replace(iterations=CPU_ITERATIONS)
+
+
+RECONSTRUCTIONS: Registry[ReconstructionPreset] = Registry("reconstruction preset")
+for _preset in (
+    ReconstructionPreset(
+        name="adaround",
+        description="AdaRound (Nagel et al., 2020): learned rounding, layer by layer.",
+        paper=ReconstructionConfig(granularity="layer", learn_act_scales=False),
+    ),
+    ReconstructionPreset(
+        name="brecq",
+        description="BRECQ (Li et al., 2021): learned rounding and activation steps per block.",
+        paper=ReconstructionConfig(granularity="block"),
+    ),
+    ReconstructionPreset(
+        name="qdrop",
+        description="QDrop (Wei et al., 2022): BRECQ with activation quantization randomly "
+        "dropped (probability 0.5) while learning.",
+        paper=ReconstructionConfig(granularity="block", drop_probability=0.5),
+    ),
+    ReconstructionPreset(
+        name="genie-m",
+        description="Genie-M (Jeon et al., 2023): QDrop with weight step sizes learned jointly "
+        "with the rounding (lr 1e-4).",
+        paper=ReconstructionConfig(granularity="block", drop_probability=0.5, weight_scale_lr=1e-4),
+    ),
+):
+    RECONSTRUCTIONS.register(_preset.name, _preset)
