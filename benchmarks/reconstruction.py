@@ -1,0 +1,211 @@
+"""Reconstruction benchmark: plain calibration vs each reconstruction preset, per toolkit.
+
+    python benchmarks/reconstruction.py                       # the whole grid (hours on CPU)
+    python benchmarks/reconstruction.py --models resnet20_fmnist --specs W4A4 \
+        --toolkits fx --sources real genie --methods none genie-m
+    python benchmarks/reconstruction.py --render-only
+
+Every cell (model, spec, toolkit, data source, method, budget) is written as its own JSON under
+docs/results/reconstruction/cells/ as soon as it finishes, and skipped when the grid runs
+again, so a long grid resumes after an interruption. docs/results/reconstruction.md is rendered
+from all cells present. Each cell records top-1 on the 10k test set, the time of each step and
+the peak RSS of a fresh process (cells run in subprocesses so that memory is per cell).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zsq_plugins import QuantSpec, apply, evaluate, synthesize, zoo
+from zsq_plugins.datasets import calibration_subset, fashion_mnist
+from zsq_plugins.reporting import (
+    environment_footer,
+    environment_info,
+    markdown_table,
+    peak_rss_mib,
+    write_json,
+    write_text_atomic,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+CELLS = RESULTS / "reconstruction" / "cells"
+log = logging.getLogger("benchmarks.reconstruction")
+
+
+def cell_name(model: str, spec: str, toolkit: str, source: str, method: str, budget: str) -> str:
+    return f"{model}__{spec}__{toolkit}__{source}__{method}__{budget}"
+
+
+def run_cell(args: argparse.Namespace) -> dict[str, Any]:
+    """One cell, in this process (called through --cell in a subprocess)."""
+    torch.set_num_threads(args.threads)
+    model = zoo.load(args.models[0])
+    started = time.perf_counter()
+    if args.sources[0] == "real":
+        images = calibration_subset(args.num_samples, seed=args.seed)
+    else:
+        cache = (
+            args.cache_dir
+            / args.models[0]
+            / f"{args.sources[0]}-cpu-n{args.num_samples}-seed{args.seed}"
+        )
+        images = synthesize(
+            model, args.num_samples, args.sources[0], args.seed, cache_dir=cache, progress=False
+        ).images
+    data_s = time.perf_counter() - started
+    method = args.methods[0]
+    quantized, report = apply(
+        model,
+        args.toolkits[0],
+        QuantSpec.parse(args.specs[0]),
+        data=images,
+        reconstruct=None if method == "none" else method,
+        reconstruct_budget=args.budget,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    top1 = evaluate(quantized, fashion_mnist("test"), progress=False).top1
+    blocks = report.reconstruction.blocks if report.reconstruction else []
+    return {
+        "model": args.models[0],
+        "spec": args.specs[0],
+        "toolkit": args.toolkits[0],
+        "source": args.sources[0],
+        "method": method,
+        "budget": args.budget,
+        "num_samples": args.num_samples,
+        "seed": args.seed,
+        "top1": top1,
+        "fp32_top1": zoo.card(args.models[0]).published_top1,
+        "data_s": round(data_s, 2),
+        "timings_s": report.timings_s,
+        "max_fidelity": max((b.fidelity for b in blocks), default=None),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "environment": environment_info(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet20_fmnist", "mobilenetv2_fmnist"])
+    parser.add_argument("--specs", nargs="+", default=["W4A4", "W3A3", "W2A4"])
+    parser.add_argument("--toolkits", nargs="+", default=["fx", "nncf", "brevitas"])
+    parser.add_argument("--sources", nargs="+", default=["real", "genie"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["none", "adaround", "brecq", "qdrop", "genie-m"]
+    )
+    parser.add_argument("--budget", default="cpu", choices=["cpu", "paper"])
+    parser.add_argument("--num-samples", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "synthetic")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--cell", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.cell:
+        print(json.dumps(run_cell(args)))
+        return
+    if not args.render_only:
+        for model in args.models:
+            for spec in args.specs:
+                for source in args.sources:
+                    for toolkit in args.toolkits:
+                        for method in args.methods:
+                            run_grid_cell(args, model, spec, toolkit, source, method)
+    write_text_atomic(RESULTS / "reconstruction.md", render())
+
+
+def run_grid_cell(args, model, spec, toolkit, source, method) -> None:
+    name = cell_name(model, spec, toolkit, source, method, args.budget)
+    path = CELLS / f"{name}.json"
+    if path.is_file():
+        log.info("skip %s (done)", name)
+        return
+    command = [
+        sys.executable,
+        __file__,
+        "--cell",
+        "--models",
+        model,
+        "--specs",
+        spec,
+        "--toolkits",
+        toolkit,
+        "--sources",
+        source,
+        "--methods",
+        method,
+        "--budget",
+        args.budget,
+        "--num-samples",
+        str(args.num_samples),
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+        "--cache-dir",
+        str(args.cache_dir),
+        "--no-progress",
+    ]
+    log.info("run %s", name)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        log.error("%s failed:\n%s", name, done.stderr[-2000:])
+        return
+    write_json(path, json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def render() -> str:
+    cells = [json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))]
+    out = ["# Reconstruction benchmark (generated)\n\n"]
+    if not cells:
+        return out[0] + "No cell has been run yet.\n"
+    out.append(
+        "Top-1 (%) on the 10k Fashion-MNIST test set after calibration (`none`) and "
+        "after each reconstruction preset, per toolkit; 1024 calibration images.\n"
+    )
+    methods = list(dict.fromkeys(c["method"] for c in cells))
+    for model in dict.fromkeys(c["model"] for c in cells):
+        mine = [c for c in cells if c["model"] == model]
+        out.append(f"\n## {model} (FP32 {mine[0]['fp32_top1']:.2f}%)\n\n")
+        rows = []
+        for key in dict.fromkeys((c["spec"], c["source"], c["toolkit"], c["budget"]) for c in mine):
+            row = dict(zip(("spec", "data", "toolkit", "budget"), key, strict=True))
+            for c in mine:
+                if (c["spec"], c["source"], c["toolkit"], c["budget"]) == key:
+                    row[c["method"]] = c["top1"]
+            rows.append(row)
+        out.append(markdown_table(rows, ["spec", "data", "toolkit", "budget", *methods]))
+        costs = [
+            {
+                "toolkit": c["toolkit"],
+                "spec": c["spec"],
+                "data": c["source"],
+                "method": c["method"],
+                "reconstruct_s": c["timings_s"]["reconstruct"],
+                "peak_rss_mib": c["peak_rss_mib"],
+                "max_fidelity": c["max_fidelity"],
+            }
+            for c in mine
+            if c["method"] != "none"
+        ]
+        if costs:
+            out.append("\n### Cost\n\n" + markdown_table(costs, list(costs[0]), digits=3))
+    out.append(environment_footer(cells[0]["environment"]))
+    return "".join(out)
+
+
+if __name__ == "__main__":
+    main()
