@@ -8,12 +8,14 @@ For resnet20_fmnist and mobilenetv2_fmnist at W8A8, W4A8 and W4A4, each toolkit 
 zero-shot preset given by --presets; top-1 on the 10k test set, time of each step, and the
 speed of the fx int8 model against FP32. Synthetic sets are cached under --cache-dir.
 
-Writes docs/results/toolkits.json and docs/results/toolkits.md.
+Each model's results go to docs/results/toolkits/<model>.json (models can run separately);
+docs/results/toolkits.md is rendered from every JSON there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import time
@@ -133,19 +135,31 @@ def main() -> None:
                 int8_speed(model_name, calibration_subset(args.num_samples, seed=args.seed))
             )
     env = environment_info()
-    record = {
-        "benchmark": "toolkits",
-        "num_samples": args.num_samples,
-        "seed": args.seed,
-        "environment": env,
-        "wall_s": round(time.perf_counter() - started, 1),
-        "peak_rss_mib": round(peak_rss_mib(), 1),
-        "results": rows,
-        "int8_speed": speed,
+    for model_name in args.models:
+        record = {
+            "benchmark": "toolkits",
+            "num_samples": args.num_samples,
+            "seed": args.seed,
+            "environment": env,
+            "wall_s": round(time.perf_counter() - started, 1),
+            "peak_rss_mib": round(peak_rss_mib(), 1),
+            "results": [r for r in rows if r["model"] == model_name],
+            "int8_speed": [r for r in speed if r["model"] == model_name],
+        }
+        write_json(RESULTS / "toolkits" / f"{model_name}.json", record)
+    text = render_all()
+    write_text_atomic(RESULTS / "toolkits.md", text)
+    print(text)
+
+
+def render_all() -> str:
+    records = [json.loads(p.read_text()) for p in sorted((RESULTS / "toolkits").glob("*.json"))]
+    merged = {
+        **records[0],
+        "results": [r for record in records for r in record["results"]],
+        "int8_speed": [r for record in records for r in record["int8_speed"]],
     }
-    write_json(RESULTS / "toolkits.json", record)
-    write_text_atomic(RESULTS / "toolkits.md", render(record))
-    print(render(record))
+    return render(merged)
 
 
 def render(record: dict[str, Any]) -> str:
