@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from zsq_plugins.errors import UnsupportedModelError
 from zsq_plugins.synthesis.artifact import FORMAT, ShardStore, SyntheticDataset
+from zsq_plugins.synthesis.config import Parameterization
 from zsq_plugins.synthesis.distributed import barrier, join_from_environment, rank_device
 from zsq_plugins.synthesis.engine import SynthesisEngine, batch_seed, batch_sizes
 from zsq_plugins.synthesis.hooks import frozen
@@ -158,7 +159,7 @@ def synthesize(
     if len(pending) < len(sizes):
         log.info("reusing %d finished batch(es) from %s", len(sizes) - len(pending), cache_dir)
     engine = SynthesisEngine(model, config, shape, domain, num_classes, device, dtype)
-    steps = 1 if config.parameterization.value == "noise" else config.iterations
+    steps = 1 if config.parameterization is Parameterization.NOISE else config.iterations
     started = time.perf_counter()
     description = f"synthesize {preset}" + (f" [rank {ranks.rank}]" if ranks.is_distributed else "")
     with tqdm(
