@@ -31,3 +31,16 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "make test" in ci
+
+
+def test_every_package_folder_is_declared_for_the_wheel():
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    declared = set(config["packages"])
+    found = {
+        ".".join(("zsq_plugins", *path.parent.relative_to(ROOT / "zsq_plugins").parts))
+        for path in (ROOT / "zsq_plugins").rglob("__init__.py")
+    }
+    found.add("zsq_plugins.adapters")  # installed from the top-level adapters/ folder
+    assert found == declared
