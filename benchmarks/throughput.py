@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    torch.set_num_threads(1)  # as in every worker, so that the recorded environment says so
     configurations = [("cpu", 1), ("cpu", 2)]
     if torch.cuda.is_available():
         configurations.append(("cuda", 1))

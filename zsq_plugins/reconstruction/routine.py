@@ -204,6 +204,7 @@ def reconstruct_block(
         with _capture_at(model, point) as store:
             for step in range(config.iterations):
                 index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
+                index = index.to(images.device)
                 output = _run_to(model, images[index], store)
                 loss = (output - targets[index]).pow(2).flatten(1).sum(1).mean()
                 reconstruction = float(loss.detach())
@@ -264,7 +265,9 @@ def reconstruct(
     """Reconstructs ``quantized`` (a toolkit's model from an adapter) block by block so that it
     reproduces ``fp_model`` on ``images`` (real or synthetic calibration images)."""
     config = config or ReconstructionConfig()
-    folded = fold_batchnorm(fp_model)
+    device = next((p.device for p in quantized.model.parameters()), torch.device("cpu"))
+    images = images.to(device)  # runs where the toolkit's model lives (CPU or a GPU)
+    folded = fold_batchnorm(fp_model).to(device)
     blocks = find_blocks(folded, config.granularity)
     generator = torch.Generator().manual_seed(seed)
     quantized.model.eval()

@@ -203,7 +203,7 @@ def weight_statistics_targets(
     Computed on the BN-folded graph; a layer followed by BatchNorm is read at the BN's output
     (the folded conv's output), so the rule also runs on BN models, ignoring their BN statistics.
     """
-    predicted = propagate(fold_batchnorm(model), input_shape)
+    predicted = propagate(fold_batchnorm(model).cpu(), input_shape)
     original = trace(model)
     modules = dict(model.named_modules())
     targets = []
@@ -219,9 +219,14 @@ def weight_statistics_targets(
         ):
             read_at = users[0].target
         mean, var = predicted[node.target]
+        device = modules[read_at].weight.device if hasattr(modules[read_at], "weight") else None
         targets.append(
             StatisticsTarget(
-                node.target, modules[read_at], mean, var.clamp_min(1e-10).sqrt(), on_output=True
+                node.target,
+                modules[read_at],
+                mean.to(device),
+                var.clamp_min(1e-10).sqrt().to(device),
+                on_output=True,
             )
         )
     return targets
