@@ -27,3 +27,19 @@ def checked_replace(config: T, what: str, **overrides: Any) -> T:
     if unknown:
         raise ValueError(f"unknown {what} option(s) {unknown}; valid options: {', '.join(names)}")
     return dataclasses.replace(config, **overrides)
+
+
+class Budget(str, Enum):
+    """How much compute a preset spends (synthesis iterations, reconstruction steps)."""
+
+    PAPER = "paper"
+    """What the paper used."""
+    CPU = "cpu"
+    """A budget chosen so that the whole zero-shot pipeline takes minutes on 2 CPU threads."""
+
+    @classmethod
+    def parse(cls, value: Budget | str) -> Budget:
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"budget must be 'paper' or 'cpu', got {value!r}") from None

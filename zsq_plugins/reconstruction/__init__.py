@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from zsq_plugins.adapter import QuantizedModel
-from zsq_plugins.reconstruction.config import ReconBudget, ReconstructionConfig
+from zsq_plugins.configio import Budget
+from zsq_plugins.reconstruction.config import ReconstructionConfig
 from zsq_plugins.reconstruction.presets import RECONSTRUCTIONS, ReconstructionPreset
 from zsq_plugins.reconstruction.routine import ReconstructionReport
 from zsq_plugins.reconstruction.routine import reconstruct as _run
@@ -19,7 +20,7 @@ def reconstruct(
     fp_model: nn.Module,
     images: torch.Tensor,
     preset: str = "genie-m",
-    budget: ReconBudget | str = ReconBudget.CPU,
+    budget: Budget | str = Budget.CPU,
     *,
     seed: int = 0,
     progress: bool = True,
@@ -34,7 +35,7 @@ def reconstruct(
 
 __all__ = [
     "RECONSTRUCTIONS",
-    "ReconBudget",
+    "Budget",
     "ReconstructionConfig",
     "ReconstructionPreset",
     "ReconstructionReport",

@@ -9,18 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from enum import Enum
 from typing import Any
 
 from zsq_plugins.configio import checked_replace, to_json_dict
 from zsq_plugins.reconstruction.blocks import Granularity
-
-
-class ReconBudget(str, Enum):
-    PAPER = "paper"
-    """20k iterations per block, batch 32 (BRECQ, QDrop, Genie)."""
-    CPU = "cpu"
-    """A budget chosen so that the whole zero-shot pipeline fits minutes on 2 CPU threads."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from zsq_plugins.reconstruction.config import ReconBudget, ReconstructionConfig
+from zsq_plugins.configio import Budget
+from zsq_plugins.reconstruction.config import ReconstructionConfig
 from zsq_plugins.registry import Registry
 
 CPU_ITERATIONS = 1000
@@ -19,12 +20,8 @@ class ReconstructionPreset:
     description: str
     paper: ReconstructionConfig
 
-    def config(self, budget: ReconBudget | str = ReconBudget.CPU) -> ReconstructionConfig:
-        try:
-            budget = ReconBudget(budget)
-        except ValueError:
-            raise ValueError(f"budget must be 'paper' or 'cpu', got {budget!r}") from None
-        if budget is ReconBudget.PAPER:
+    def config(self, budget: Budget | str = Budget.CPU) -> ReconstructionConfig:
+        if Budget.parse(budget) is Budget.PAPER:
             return self.paper
         return self.paper.replace(iterations=CPU_ITERATIONS)
 

@@ -1,10 +1,11 @@
 """The synthetic-data provider: one engine, presets named after their papers."""
 
+from zsq_plugins.configio import Budget
 from zsq_plugins.synthesis.api import calibration_loader, synthesize
 from zsq_plugins.synthesis.artifact import SyntheticDataset
 from zsq_plugins.synthesis.config import Distance, Parameterization, SynthesisConfig
 from zsq_plugins.synthesis.engine import SynthesisDiverged
-from zsq_plugins.synthesis.presets import GENERATORS, Budget, GeneratorPreset, Preset, get_preset
+from zsq_plugins.synthesis.presets import GENERATORS, GeneratorPreset, Preset, get_preset
 
 __all__ = [
     "GENERATORS",

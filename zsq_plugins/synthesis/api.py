@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from zsq_plugins.configio import Budget
 from zsq_plugins.errors import UnsupportedModelError
 from zsq_plugins.synthesis.artifact import FORMAT, ShardStore, SyntheticDataset
 from zsq_plugins.synthesis.config import Parameterization
@@ -28,7 +29,7 @@ from zsq_plugins.synthesis.model_info import (
     input_domain,
     model_fingerprint,
 )
-from zsq_plugins.synthesis.presets import Budget, get_preset, presets_without_batchnorm
+from zsq_plugins.synthesis.presets import get_preset, presets_without_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def synthesize(
         "format": FORMAT,
         "model_fingerprint": model_fingerprint(model),
         "preset": preset,
-        "budget": Budget(budget).value,
+        "budget": Budget.parse(budget).value,
         "config": config.to_dict(),
         "seed": seed,
         "num_samples": num_samples,

@@ -7,18 +7,11 @@ point must load an object with the ``GeneratorPreset`` protocol.
 from __future__ import annotations
 
 import dataclasses
-from enum import Enum
 from typing import Protocol, runtime_checkable
 
+from zsq_plugins.configio import Budget
 from zsq_plugins.registry import GENERATORS_GROUP, Registry
 from zsq_plugins.synthesis.config import Distance, Parameterization, SynthesisConfig
-
-
-class Budget(str, Enum):
-    PAPER = "paper"
-    """The iterations and batch size the paper used."""
-    CPU = "cpu"
-    """A budget chosen so that 1024 images for a small model take minutes on 2 CPU threads."""
 
 
 @runtime_checkable
@@ -37,11 +30,7 @@ class Preset:
     cpu: SynthesisConfig
 
     def config(self, budget: Budget | str = Budget.CPU) -> SynthesisConfig:
-        try:
-            budget = Budget(budget)
-        except ValueError:
-            raise ValueError(f"budget must be 'paper' or 'cpu', got {budget!r}") from None
-        return self.paper if budget is Budget.PAPER else self.cpu
+        return self.paper if Budget.parse(budget) is Budget.PAPER else self.cpu
 
 
 def _preset(name: str, description: str, paper: SynthesisConfig, **cpu: object) -> Preset:
