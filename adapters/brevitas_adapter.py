@@ -39,7 +39,7 @@ from torch import nn
 
 from zsq_plugins.adapter import HandleBase, QuantizedModel, QuantizerKind
 from zsq_plugins.errors import UnsupportedModelError
-from zsq_plugins.quant.fold import fold_batchnorm, trace
+from zsq_plugins.quant.fold import float_graph
 from zsq_plugins.quant.reference import eight_bit_layers, quantizable_layers
 from zsq_plugins.spec import Granularity, QuantSpec, Symmetry
 
@@ -361,7 +361,7 @@ class BrevitasAdapter:
         example_input: torch.Tensor,
     ) -> QuantizedModel:
         # Both paths copy: the user's model is never modified.
-        folded = fold_batchnorm(model) if spec.fold_batchnorm else trace(copy.deepcopy(model))
+        folded = float_graph(model, spec.fold_batchnorm)
         device = next((p.device for p in folded.parameters()), torch.device("cpu"))
         quantized, handles, eight_bit = build(folded.eval(), spec)
         # Brevitas creates the input quantizers' parameters on the default device (CPU); keep

@@ -27,7 +27,7 @@ from torch import nn
 
 from zsq_plugins.adapter import HandleBase, QuantizedModel, QuantizerKind
 from zsq_plugins.quant.export import ContainerFakeQuantize
-from zsq_plugins.quant.fold import fold_batchnorm, trace
+from zsq_plugins.quant.fold import float_graph
 from zsq_plugins.quant.reference import eight_bit_layers, quantizable_layers
 from zsq_plugins.spec import Granularity, QuantSpec, Symmetry
 from zsq_plugins.zoo._layers import Normalize
@@ -235,9 +235,7 @@ class TorchFXAdapter:
         ao, quantize_fx = _ao()
         from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
 
-        prepared_input = (
-            fold_batchnorm(model) if spec.fold_batchnorm else trace(copy.deepcopy(model))
-        )
+        prepared_input = float_graph(model, spec.fold_batchnorm)
         layers = quantizable_layers(prepared_input)
         eight_bit = eight_bit_layers(layers, spec)
         mapping = ao.QConfigMapping().set_global(_qconfig(spec.weight_bits, spec.act_bits, spec))

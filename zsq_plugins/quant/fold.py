@@ -56,3 +56,9 @@ def fold_batchnorm(model: nn.Module) -> torch.fx.GraphModule:
     traced.delete_all_unused_submodules()
     traced.recompile()
     return traced
+
+
+def float_graph(model: nn.Module, fold: bool = True) -> torch.fx.GraphModule:
+    """The traced copy of ``model`` every quantizer starts from: BatchNorm folded when
+    ``fold`` (``QuantSpec.fold_batchnorm``); the caller's model is never modified."""
+    return fold_batchnorm(model) if fold else trace(copy.deepcopy(model))

@@ -9,7 +9,6 @@ that calibration data can be compared on equal terms without any toolkit install
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from enum import Enum
 
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from zsq_plugins.quant.fakequant import affine_params, fake_quantize, mse_clip_range
-from zsq_plugins.quant.fold import fold_batchnorm, trace
+from zsq_plugins.quant.fold import float_graph, fold_batchnorm, trace
 from zsq_plugins.spec import Granularity, QuantSpec, Symmetry
 
 VALUES_KEPT_PER_BATCH = 16384
@@ -124,7 +123,7 @@ def reference_quantize(
 ) -> nn.Module:
     """A fake-quantized copy of ``model`` whose activation ranges come from ``calibration``."""
     range_method = RangeMethod(range_method)
-    quantized = fold_batchnorm(model) if spec.fold_batchnorm else trace(copy.deepcopy(model))
+    quantized = float_graph(model, spec.fold_batchnorm)
     layers = quantizable_layers(quantized)
     keep = eight_bit_layers(layers, spec)
     symmetric_acts = spec.act_symmetry is Symmetry.SYMMETRIC
