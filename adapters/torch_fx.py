@@ -27,6 +27,7 @@ from torch import nn
 
 from zsq_plugins.adapter import HandleBase, QuantizedModel, QuantizerKind
 from zsq_plugins.quant.export import ContainerFakeQuantize
+from zsq_plugins.quant.fakequant import integer_range
 from zsq_plugins.quant.fold import float_graph
 from zsq_plugins.quant.reference import eight_bit_layers, quantizable_layers
 from zsq_plugins.spec import Granularity, QuantSpec, Symmetry
@@ -48,10 +49,11 @@ def _ao():
 def activation_fake_quant(bits: int, symmetric: bool):
     ao, _ = _ao()
     if symmetric:
-        qmin, qmax, dtype = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, torch.qint8
+        (qmin, qmax), dtype = integer_range(bits, signed=True), torch.qint8
         scheme = torch.per_tensor_symmetric
     else:
-        qmin, qmax, dtype, scheme = 0, 2**bits - 1, torch.quint8, torch.per_tensor_affine
+        (qmin, qmax), dtype = integer_range(bits, signed=False), torch.quint8
+        scheme = torch.per_tensor_affine
     return ao.FakeQuantize.with_args(
         observer=ao.MinMaxObserver, quant_min=qmin, quant_max=qmax, dtype=dtype, qscheme=scheme
     )
@@ -61,7 +63,7 @@ def weight_fake_quant(bits: int, spec: QuantSpec):
     ao, _ = _ao()
     symmetric = spec.weight_symmetry is Symmetry.SYMMETRIC
     per_channel = spec.weight_granularity is Granularity.PER_CHANNEL
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    qmin, qmax = integer_range(bits, signed=True)
     if per_channel:
         scheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
         return ao.FakeQuantize.with_args(

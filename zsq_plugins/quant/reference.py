@@ -15,7 +15,12 @@ from enum import Enum
 import torch
 from torch import nn
 
-from zsq_plugins.quant.fakequant import affine_params, fake_quantize, mse_clip_range
+from zsq_plugins.quant.fakequant import (
+    affine_params,
+    fake_quantize,
+    integer_range,
+    mse_clip_range,
+)
 from zsq_plugins.quant.fold import float_graph, fold_batchnorm, trace
 from zsq_plugins.spec import Granularity, QuantSpec, Symmetry
 
@@ -61,7 +66,7 @@ class InputQuantizer(nn.Module):
         self.generator = torch.Generator().manual_seed(0)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros(()))
-        self.qmin, self.qmax = 0, 2**bits - 1
+        self.qmin, self.qmax = integer_range(bits, signed=symmetric)
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach()
