@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from synthetic_cache import cached_synthesize
 
-from zsq_plugins import QuantSpec, evaluate, synthesize, zoo
+from zsq_plugins import QuantSpec, evaluate, zoo
 from zsq_plugins.datasets import calibration_subset, fashion_mnist
 from zsq_plugins.quant.reference import activation_ranges, reference_quantize
 from zsq_plugins.reporting import (
@@ -66,11 +67,9 @@ def range_realism(
 
 
 def generate(model_name: str, preset: str, args: argparse.Namespace, budget: str, n: int):
-    model = zoo.load(model_name)
-    cache = args.cache_dir / model_name / f"{preset}-{budget}-n{n}-seed{args.seed}"
     started = time.perf_counter()
-    data = synthesize(
-        model, n, preset, args.seed, budget=budget, cache_dir=cache, progress=not args.no_progress
+    data = cached_synthesize(
+        args.cache_dir, model_name, preset, n, args.seed, budget, not args.no_progress
     )
     shards = data.manifest["shards"]
     seconds = sum(s.get("seconds", 0.0) for s in shards)

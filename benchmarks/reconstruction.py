@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from synthetic_cache import cached_synthesize
 
-from zsq_plugins import QuantSpec, apply, evaluate, synthesize, zoo
+from zsq_plugins import QuantSpec, apply, evaluate, zoo
 from zsq_plugins.datasets import calibration_subset, fashion_mnist
 from zsq_plugins.reporting import (
     environment_footer,
@@ -54,13 +55,14 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
     if args.sources[0] == "real":
         images = calibration_subset(args.num_samples, seed=args.seed)
     else:
-        cache = (
-            args.cache_dir
-            / args.models[0]
-            / f"{args.sources[0]}-cpu-n{args.num_samples}-seed{args.seed}"
-        )
-        images = synthesize(
-            model, args.num_samples, args.sources[0], args.seed, cache_dir=cache, progress=False
+        images = cached_synthesize(
+            args.cache_dir,
+            args.models[0],
+            args.sources[0],
+            args.num_samples,
+            args.seed,
+            "cpu",
+            False,
         ).images
     data_s = time.perf_counter() - started
     method = args.methods[0]

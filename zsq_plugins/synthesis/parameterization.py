@@ -14,10 +14,18 @@ from zsq_plugins.synthesis.model_info import InputDomain
 
 class LatentGenerator(nn.Module):
     """Genie's generator (after GDFQ): latent -> linear -> two upsample+conv stages -> tanh,
-    then a BatchNorm without affine parameters that standardizes each output channel."""
+    then a BatchNorm without affine parameters that standardizes each output channel.
+
+    ``tanh=False`` drops the tanh, for inputs that are bounded by a clamp instead: a saturated
+    tanh, once standardized, is nearly two-valued and cannot reach the top of the range.
+    """
 
     def __init__(
-        self, latent_dim: int, shape: tuple[int, ...], channels: tuple[int, int] = (128, 64)
+        self,
+        latent_dim: int,
+        shape: tuple[int, ...],
+        channels: tuple[int, int] = (128, 64),
+        tanh: bool = True,
     ) -> None:
         super().__init__()
         out_channels, height, width = shape
@@ -32,7 +40,7 @@ class LatentGenerator(nn.Module):
             nn.LeakyReLU(0.2),
             nn.Upsample(size=(height, width)),
             nn.Conv2d(narrow, out_channels, 3, padding=1),
-            nn.Tanh(),
+            nn.Tanh() if tanh else nn.Identity(),
             nn.BatchNorm2d(out_channels, affine=False),
         )
 
@@ -116,7 +124,12 @@ class GeneratorSource(ImageSource):
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the network's own init draws from the global RNG
-            self.net = LatentGenerator(config.latent_dim, shape, config.generator_channels)
+            self.net = LatentGenerator(
+                config.latent_dim,
+                shape,
+                config.generator_channels,
+                config.generator_tanh,
+            )
         self.net.to(device=device, dtype=dtype).train()
         latents = torch.randn(size, config.latent_dim, generator=generator, dtype=dtype)
         self.latents = latents.to(device).requires_grad_()

@@ -1,0 +1,156 @@
+"""Comparison grids (zsq compare): config validation, resume, rendering, plots, and the
+shipped config reproducing its committed table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from zsq_plugins import compare
+from zsq_plugins.adapter import installed_adapters
+from zsq_plugins.cli import main
+from zsq_plugins.compare import Cell, GridConfig, render_markdown, run_grid
+from zsq_plugins.errors import CacheMismatchError, ZSQError
+from zsq_plugins.plots import accuracy_vs_bits, cost_bars
+from zsq_plugins.reporting import environment_info
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "benchmarks" / "configs" / "resnet20_w8a8.toml"
+COMMITTED = ROOT / "docs" / "results" / "compare" / "resnet20_w8a8" / "results.json"
+
+
+def small(**overrides) -> GridConfig:
+    options = dict(
+        models=["resnet20_fmnist"],
+        toolkits=["fx"],
+        data=["real"],
+        specs=["W8A8", "W4A8"],
+        num_samples=32,
+        test_samples=200,
+    )
+    return GridConfig.from_dict({**options, **overrides})
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown grid option.*'toolkit'.*valid options"):
+        small(toolkit=["fx"])
+    with pytest.raises(ValueError, match=r"W9A4|bits"):
+        small(specs=["W9A4"])
+    with pytest.raises(ValueError, match="lists a name twice"):
+        small(toolkits=["fx", "fx"])
+    with pytest.raises(ValueError, match="num_samples"):
+        small(num_samples=0)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[grid\n")
+    with pytest.raises(ZSQError, match="not valid TOML"):
+        GridConfig.from_toml(bad)
+    bad.write_text("[other]\nx = 1\n")
+    with pytest.raises(ZSQError, match=r"no \[grid\] table"):
+        GridConfig.from_toml(bad)
+    with pytest.raises(ZSQError, match="no comparison config"):
+        GridConfig.from_toml(tmp_path / "missing.toml")
+
+
+def test_shipped_configs_parse():
+    for path in sorted((ROOT / "benchmarks" / "configs").glob("*.toml")):
+        config = GridConfig.from_toml(path)
+        assert len(list(config.cells())) >= 1, path
+
+
+def test_cells_cover_the_grid_in_data_order():
+    config = small(toolkits=["fx", "nncf"], data=["real", "noise"], reconstruct=["none", "qdrop"])
+    cells = list(config.cells())
+    assert len(cells) == 2 * 2 * 2 * 2
+    assert len({c.key for c in cells}) == len(cells)
+    # cells of one data source are contiguous, so one synthetic set is in memory at a time
+    assert [c.data for c in cells] == ["real"] * 8 + ["noise"] * 8
+
+
+def test_grid_resumes_and_refuses_another_protocol(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_cell(cell, config, images, test, progress):
+        calls.append(cell.key)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # interrupted after one finished cell
+        return {**cell.__dict__, "top1": 90.0 + len(calls), "fp32_top1": 93.92, "timings_s": {}}
+
+    monkeypatch.setattr(compare, "run_cell", fake_cell)
+    monkeypatch.setattr(compare, "calibration_images", lambda *a, **k: None)
+    monkeypatch.setattr(compare, "evaluation_data", lambda *a, **k: None)
+    config = small()
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(config, tmp_path, progress=False, plots=False)
+    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == [
+        "resnet20_fmnist__fx__real__W8A8__none.json"
+    ]
+    rows = run_grid(config, tmp_path, progress=False, plots=False)
+    assert calls == [  # the finished cell is not run again
+        "resnet20_fmnist__fx__real__W8A8__none",
+        "resnet20_fmnist__fx__real__W4A8__none",
+        "resnet20_fmnist__fx__real__W4A8__none",
+    ]
+    assert [r["spec"] for r in rows] == ["W8A8", "W4A8"]
+    assert json.loads((tmp_path / "results.json").read_text())["cells"] == rows
+    with pytest.raises(CacheMismatchError, match="other options"):
+        run_grid(small(num_samples=64), tmp_path, progress=False, plots=False)
+
+
+def test_uninstalled_toolkit_is_named_before_any_work(tmp_path):
+    with pytest.raises(ZSQError, match=r"'tensorrt'.*not installed"):
+        run_grid(small(toolkits=["tensorrt"]), tmp_path, progress=False)
+    assert not (tmp_path / "cells").exists()
+
+
+def _rows():
+    rows = []
+    for toolkit, offset in (("fx", 0.0), ("nncf", 0.5)):
+        for data, base in (("real", 93.0), ("genie", 92.0)):
+            for spec, drop in (("W8A8", 0.0), ("W4A4", 2.0), ("W3A3", 10.0)):
+                cell = Cell("resnet20_fmnist", toolkit, data, spec)
+                rows.append(
+                    {
+                        **cell.__dict__,
+                        "top1": base - drop - offset,
+                        "fp32_top1": 93.92,
+                        "timings_s": {"data": 1.0, "quantize_and_calibrate": 2.0},
+                    }
+                )
+    return rows
+
+
+def test_markdown_has_a_column_per_toolkit_and_the_spread():
+    record = {"config": small().to_dict(), "environment": environment_info(), "cells": _rows()}
+    text = render_markdown(record)
+    assert "| data | spec | fx | nncf | spread |" in text
+    assert "| genie | W4A4 | 90.00 | 89.50 | 0.50 |" in text
+    lines = [line for line in text.splitlines() if line.startswith("| real |")]
+    assert [line.split(" | ")[1] for line in lines] == ["W8A8", "W4A4", "W3A3"]  # most bits first
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    for function, name in ((accuracy_vs_bits, "acc.png"), (cost_bars, "cost.png")):
+        path = function(_rows(), tmp_path / name)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_shipped_config_reproduces_the_committed_table(tmp_path, capsys):
+    missing = {"fx", "nncf", "brevitas"} - set(installed_adapters())
+    if missing:
+        pytest.skip(f"needs the {sorted(missing)} toolkit(s)")
+    committed = {
+        (c["toolkit"], c["data"], c["spec"]): c["top1"]
+        for c in json.loads(COMMITTED.read_text())["cells"]
+    }
+    assert main(["compare", str(SHIPPED), "--out", str(tmp_path), "--no-progress"]) == 0
+    assert "| data | spec |" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "results.json").read_text())["cells"]
+    assert len(rows) == len(committed) == 3
+    for row in rows:
+        assert row["top1"] == pytest.approx(
+            committed[row["toolkit"], row["data"], row["spec"]], abs=0.15
+        )

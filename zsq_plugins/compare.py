@@ -1,0 +1,392 @@
+"""Comparison grids: models x toolkits x data x specs x reconstruction, resumable.
+
+A grid is described by a ``GridConfig`` (usually read from a TOML file, see
+docs/compare.md). ``run_grid`` runs every cell not finished yet, writing each as its own JSON
+file the moment it is done, so an interrupted grid resumes where it stopped; the results are
+gathered into ``results.json`` and rendered as Markdown and plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from zsq_plugins.configio import Budget, to_json_dict
+from zsq_plugins.errors import CacheMismatchError, ZSQError
+from zsq_plugins.reporting import (
+    environment_footer,
+    environment_info,
+    markdown_table,
+    peak_rss_mib,
+    write_json,
+    write_text_atomic,
+)
+from zsq_plugins.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+REAL = "real"
+"""The data source name for real training images (the models' own data, where it exists)."""
+NO_RECONSTRUCTION = "none"
+
+
+def _names(value: Any, field: str) -> tuple[str, ...]:
+    values = (value,) if isinstance(value, str) else tuple(value)
+    if not values or not all(isinstance(v, str) and v for v in values):
+        raise ValueError(f"{field} must be a non-empty list of names, got {value!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{field} lists a name twice: {list(values)}")
+    return values
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GridConfig:
+    """One comparison: every combination of the five axes is a cell."""
+
+    models: tuple[str, ...]
+    """Zoo model names (``zsq zoo`` lists them)."""
+    toolkits: tuple[str, ...]
+    """Adapter names (``fx``, ``nncf``, ``brevitas`` or a plugin's)."""
+    data: tuple[str, ...]
+    """``real`` (the model's training images) and/or generator preset names."""
+    specs: tuple[str, ...]
+    """QuantSpec labels such as ``W4A4``."""
+    reconstruct: tuple[str, ...] = (NO_RECONSTRUCTION,)
+    """``none`` and/or reconstruction preset names (``adaround``, ``brecq``, ``qdrop``,
+    ``genie-m``)."""
+    num_samples: int = 1024
+    """Calibration images per cell."""
+    seed: int = 0
+    synthesis_budget: str = "cpu"
+    reconstruct_budget: str = "cpu"
+    test_samples: int | None = None
+    """Evaluate on the first N test images only (None: the whole evaluation set)."""
+
+    def __post_init__(self) -> None:
+        for field in ("models", "toolkits", "data", "specs", "reconstruct"):
+            object.__setattr__(self, field, _names(getattr(self, field), field))
+        for label in self.specs:
+            QuantSpec.parse(label)  # a malformed label fails before any work
+        for field in ("synthesis_budget", "reconstruct_budget"):
+            Budget.parse(getattr(self, field))
+        for field in ("num_samples", "test_samples"):
+            value = getattr(self, field)
+            if value is None and field == "test_samples":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GridConfig:
+        names = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"unknown grid option(s) {unknown}; valid options: {', '.join(names)}")
+        return cls(**data)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> GridConfig:
+        """Reads ``[grid]`` (the axes and options) from a TOML file."""
+        path = Path(path)
+        try:
+            document = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ZSQError(f"no comparison config at {path}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ZSQError(f"{path} is not valid TOML: {error}") from None
+        if "grid" not in document:
+            raise ZSQError(f"{path} has no [grid] table; see docs/compare.md for the format")
+        try:
+            return cls.from_dict(document["grid"])
+        except (TypeError, ValueError) as error:
+            raise ZSQError(f"{path}: {error}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_json_dict(self)
+
+    def cells(self) -> Iterator[Cell]:
+        for model in self.models:
+            for data in self.data:
+                for reconstruct in self.reconstruct:
+                    for spec in self.specs:
+                        for toolkit in self.toolkits:
+                            yield Cell(model, toolkit, data, spec, reconstruct)
+
+    def protocol(self) -> dict[str, Any]:
+        """The options every cell shares; a results folder holds one protocol only."""
+        return {
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "synthesis_budget": self.synthesis_budget,
+            "reconstruct_budget": self.reconstruct_budget,
+            "test_samples": self.test_samples,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    model: str
+    toolkit: str
+    data: str
+    spec: str
+    reconstruct: str = NO_RECONSTRUCTION
+
+    @property
+    def key(self) -> str:
+        return "__".join((self.model, self.toolkit, self.data, self.spec, self.reconstruct))
+
+
+def evaluation_data(model_name: str, test_samples: int | None) -> Any:
+    """The model's labelled evaluation data (Fashion-MNIST test set, or the 20 ImageNet
+    images), optionally its first ``test_samples`` items."""
+    from zsq_plugins.datasets import fashion_mnist, labelled_samples
+    from zsq_plugins.zoo import card
+
+    model_card = card(model_name)
+    if model_card.dataset == "fashion_mnist":
+        test = fashion_mnist("test")
+        if test_samples is not None and test_samples < len(test):
+            test = torch.utils.data.Subset(test, range(test_samples))
+        return test
+    if model_card.dataset == "imagenet":
+        images, labels = labelled_samples("imagenet", size=model_card.input_shape[-1])
+        return [(images[:test_samples], labels[:test_samples])]
+    raise ValueError(f"no evaluation data known for dataset {model_card.dataset!r}")
+
+
+def _synthetic_folder(root: Path, model_name: str, preset: str, config: GridConfig) -> Path:
+    from zsq_plugins.synthesis.presets import get_preset
+
+    settings = get_preset(preset).config(config.synthesis_budget).to_json()
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
+    name = f"{preset}-{config.synthesis_budget}-n{config.num_samples}-seed{config.seed}-{digest}"
+    return root / model_name / name
+
+
+def calibration_images(
+    model_name: str, source: str, config: GridConfig, data_dir: Path, progress: bool
+) -> torch.Tensor:
+    """Real training images, or a synthetic set (cached under ``data_dir``, shared by every
+    cell of the same model and preset)."""
+    from zsq_plugins import zoo
+    from zsq_plugins.synthesis import synthesize
+
+    if source == REAL:
+        if zoo.card(model_name).dataset != "fashion_mnist":
+            raise ZSQError(
+                f"no real training images are available offline for {model_name}; use "
+                "generator presets only for it"
+            )
+        from zsq_plugins.datasets import calibration_subset
+
+        return calibration_subset(config.num_samples, seed=config.seed)
+    data = synthesize(
+        zoo.load(model_name),
+        config.num_samples,
+        source,
+        config.seed,
+        budget=config.synthesis_budget,
+        cache_dir=_synthetic_folder(data_dir, model_name, source, config),
+        progress=progress,
+    )
+    return data.images
+
+
+def run_cell(
+    cell: Cell, config: GridConfig, images: torch.Tensor, test: Any, progress: bool
+) -> dict[str, Any]:
+    """Quantizes, calibrates (and reconstructs) one cell and evaluates it against FP32."""
+    from zsq_plugins import apply, evaluate, zoo
+
+    fp_model = zoo.load(cell.model)
+    reconstruct = None if cell.reconstruct == NO_RECONSTRUCTION else cell.reconstruct
+    quantized, report = apply(
+        zoo.load(cell.model),
+        cell.toolkit,
+        QuantSpec.parse(cell.spec),
+        data=images,
+        reconstruct=reconstruct,
+        seed=config.seed,
+        reconstruct_budget=config.reconstruct_budget,
+        progress=progress,
+    )
+    started = time.perf_counter()
+    result = evaluate(quantized, test, fp_model, progress=progress, description=cell.key)
+    reconstruction = report.reconstruction
+    return {
+        **dataclasses.asdict(cell),
+        "top1": result.top1,
+        "agreement": result.agreement,
+        "kl": result.kl,
+        "num_test": result.num_samples,
+        "fp32_top1": zoo.card(cell.model).published_top1,
+        "timings_s": {**report.timings_s, "evaluate": round(time.perf_counter() - started, 3)},
+        "reconstruction_fidelity": (
+            max((b.fidelity for b in reconstruction.blocks), default=None)
+            if reconstruction is not None
+            else None
+        ),
+    }
+
+
+class GridResults:
+    """A results folder: ``cells/<key>.json`` per finished cell, one protocol per folder."""
+
+    def __init__(self, folder: str | Path, config: GridConfig) -> None:
+        self.folder = Path(folder)
+        self.config = config
+        self.cells_dir = self.folder / "cells"
+
+    def check_protocol(self) -> None:
+        path = self.folder / "protocol.json"
+        if path.exists():
+            stored = json.loads(path.read_text())
+            if stored != self.config.protocol():
+                raise CacheMismatchError(
+                    f"{self.folder} holds results made with other options ({stored}; now "
+                    f"{self.config.protocol()}). Use another output folder, or delete it."
+                )
+        else:
+            write_json(path, self.config.protocol())
+
+    def path(self, cell: Cell) -> Path:
+        return self.cells_dir / f"{cell.key}.json"
+
+    def finished(self, cell: Cell) -> dict[str, Any] | None:
+        path = self.path(cell)
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("%s is damaged; the cell runs again", path)
+            return None
+
+    def record(self, cell: Cell, result: dict[str, Any]) -> None:
+        write_json(self.path(cell), result)
+
+    def collected(self) -> list[dict[str, Any]]:
+        rows = [self.finished(cell) for cell in self.config.cells()]
+        return [row for row in rows if row is not None]
+
+
+def run_grid(
+    config: GridConfig,
+    out: str | Path,
+    *,
+    progress: bool = True,
+    on_cell: Callable[[dict[str, Any]], None] | None = None,
+    plots: bool = True,
+) -> list[dict[str, Any]]:
+    """Runs every unfinished cell of ``config`` into ``out``; returns all the cells' results.
+
+    Finished cells are skipped, so a run interrupted at any point resumes; each cell's JSON is
+    written atomically the moment it is done. Synthetic sets are cached under ``out/data``.
+    Writes ``results.json``, ``results.md`` and (with matplotlib) ``accuracy_vs_bits.png``.
+    """
+    from tqdm.auto import tqdm
+
+    from zsq_plugins.adapter import installed_adapters
+
+    missing = sorted(set(config.toolkits) - set(installed_adapters()))
+    if missing:
+        raise ZSQError(
+            f"toolkit(s) {missing} are not installed here; installed: "
+            f"{', '.join(installed_adapters())}. Install the extra named by the toolkit "
+            "(e.g. pip install 'zsq-plugins[nncf]') or drop it from the grid."
+        )
+    results = GridResults(out, config)
+    results.check_protocol()
+    cells = list(config.cells())
+    todo = [cell for cell in cells if results.finished(cell) is None]
+    log.info("%d cells, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
+    images: dict[tuple[str, str], torch.Tensor] = {}
+    tests: dict[str, Any] = {}
+    bar = tqdm(todo, desc="cells", unit="cell", disable=not progress)
+    for cell in bar:
+        bar.set_postfix_str(cell.key, refresh=True)
+        if (cell.model, cell.data) not in images:
+            images.clear()  # one set in memory at a time: the grid's order groups them
+            images[cell.model, cell.data] = calibration_images(
+                cell.model, cell.data, config, results.folder / "data", progress
+            )
+        if cell.model not in tests:
+            tests = {cell.model: evaluation_data(cell.model, config.test_samples)}
+        result = run_cell(cell, config, images[cell.model, cell.data], tests[cell.model], progress)
+        results.record(cell, result)
+        log.info("%s: top-1 %.2f", cell.key, result["top1"])
+        if on_cell is not None:
+            on_cell(result)
+    rows = results.collected()
+    record = {
+        "config": config.to_dict(),
+        "environment": environment_info(),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "cells": rows,
+    }
+    folder = Path(out)
+    write_json(folder / "results.json", record)
+    write_text_atomic(folder / "results.md", render_markdown(record))
+    if plots:
+        from zsq_plugins.plots import MissingPlotting, accuracy_vs_bits, cost_bars
+
+        try:
+            accuracy_vs_bits(rows, folder / "accuracy_vs_bits.png")
+            cost_bars(rows, folder / "cost.png")
+        except MissingPlotting as error:
+            log.warning("%s", error)
+    return rows
+
+
+def _bits(label: str) -> tuple[int, int]:
+    spec = QuantSpec.parse(label)
+    return spec.weight_bits, spec.act_bits
+
+
+def render_markdown(record: dict[str, Any]) -> str:
+    """Per model: one table per reconstruction setting, a row per (data, spec), a column per
+    toolkit, and the spread between toolkits."""
+    rows = record["cells"]
+    out = ["# Comparison (generated by `zsq compare`)\n"]
+    protocol = {k: v for k, v in record["config"].items() if not isinstance(v, list)}
+    out.append("\n" + ", ".join(f"{k}: {v}" for k, v in protocol.items()) + ".\n")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        out.append(f"\n## {model} (FP32 {mine[0]['fp32_top1']:.2f}%)\n")
+        toolkits = list(dict.fromkeys(r["toolkit"] for r in mine))
+        for reconstruct in dict.fromkeys(r["reconstruct"] for r in mine):
+            title = "no reconstruction" if reconstruct == NO_RECONSTRUCTION else reconstruct
+            out.append(f"\n### Top-1 (%), {title}\n\n")
+            table = []
+            specs = sorted(dict.fromkeys(r["spec"] for r in mine), key=_bits, reverse=True)
+            for data in dict.fromkeys(r["data"] for r in mine):
+                for spec in specs:
+                    cells = {
+                        r["toolkit"]: r["top1"]
+                        for r in mine
+                        if (r["data"], r["spec"], r["reconstruct"]) == (data, spec, reconstruct)
+                    }
+                    if not cells:
+                        continue
+                    values = list(cells.values())
+                    spread = max(values) - min(values) if len(values) > 1 else None
+                    table.append({"data": data, "spec": spec, **cells, "spread": spread})
+            out.append(markdown_table(table, ["data", "spec", *toolkits, "spread"]))
+    out.append(environment_footer(record["environment"]))
+    return "".join(out)

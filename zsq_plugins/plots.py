@@ -1,0 +1,104 @@
+"""Plots of comparison results (matplotlib, the ``plots`` extra).
+
+Every function takes the cell rows that ``zsq_plugins.compare.run_grid`` produces (or reads
+from ``results.json``) and writes a PNG; nothing here computes results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from zsq_plugins.errors import MissingDependencyError
+from zsq_plugins.spec import QuantSpec
+
+
+class MissingPlotting(MissingDependencyError):
+    """matplotlib is not installed."""
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: never open a window, works headless in CI
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingPlotting("plots need matplotlib: pip install 'zsq-plugins[plots]'") from None
+    return plt
+
+
+def _bit_order(label: str) -> tuple[int, int]:
+    spec = QuantSpec.parse(label)
+    return -spec.weight_bits - spec.act_bits, -spec.act_bits
+
+
+def accuracy_vs_bits(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """One panel per toolkit (per model): top-1 against the spec, fewest bits to the right,
+    a line per (data, reconstruction), and FP32 as a dashed line."""
+    plt = _pyplot()
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    toolkits = list(dict.fromkeys(r["toolkit"] for r in rows))
+    figure, axes = plt.subplots(
+        len(models),
+        len(toolkits),
+        figsize=(4.2 * len(toolkits), 3.4 * len(models)),
+        squeeze=False,
+        sharey="row",
+    )
+    for i, model in enumerate(models):
+        mine = [r for r in rows if r["model"] == model]
+        specs = sorted(dict.fromkeys(r["spec"] for r in mine), key=_bit_order)
+        for j, toolkit in enumerate(toolkits):
+            axis = axes[i][j]
+            series = dict.fromkeys((r["data"], r["reconstruct"]) for r in mine)
+            for data, reconstruct in series:
+                points = {
+                    r["spec"]: r["top1"]
+                    for r in mine
+                    if (r["toolkit"], r["data"], r["reconstruct"]) == (toolkit, data, reconstruct)
+                }
+                xs = [k for k, spec in enumerate(specs) if spec in points]
+                if not xs:
+                    continue
+                label = data if reconstruct == "none" else f"{data} + {reconstruct}"
+                axis.plot(xs, [points[specs[k]] for k in xs], marker="o", label=label)
+            axis.axhline(mine[0]["fp32_top1"], color="grey", linestyle="--", label="FP32")
+            axis.set_xticks(range(len(specs)), specs)
+            axis.set_title(f"{model}: {toolkit}", fontsize=10)
+            axis.grid(alpha=0.3)
+            if j == 0:
+                axis.set_ylabel("top-1 (%)")
+        axes[i][-1].legend(fontsize=8, loc="lower left")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def cost_bars(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Median seconds of each pipeline step per toolkit (data, calibrate, reconstruct)."""
+    import statistics
+
+    plt = _pyplot()
+    toolkits = list(dict.fromkeys(r["toolkit"] for r in rows))
+    steps = {"data": "data", "quantize_and_calibrate": "calibrate", "reconstruct": "reconstruct"}
+    figure, axis = plt.subplots(figsize=(1.8 + 1.6 * len(toolkits), 3.4))
+    bottoms = [0.0] * len(toolkits)
+    for key, label in steps.items():
+        heights = [
+            statistics.median(r["timings_s"].get(key, 0.0) for r in rows if r["toolkit"] == t)
+            for t in toolkits
+        ]
+        axis.bar(toolkits, heights, bottom=bottoms, label=label)
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    axis.set_ylabel("median seconds per cell")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
