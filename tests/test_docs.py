@@ -1,6 +1,8 @@
 """Runs every ```python block of README.md and docs/*.md: documented examples must work."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,3 +22,18 @@ def _examples():
 @pytest.mark.parametrize("code", list(_examples()))
 def test_documented_example_runs(code):
     exec(compile(code, "<doc example>", "exec"), {"__name__": "__doc_example__"})
+
+
+def test_docs_build_with_warnings_as_errors(tmp_path):
+    """mkdocs --strict: broken links between pages and API docstrings that do not render
+    fail the build."""
+    pytest.importorskip("mkdocstrings")
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "zsq_plugins.apply" in (tmp_path / "api" / "index.html").read_text()
