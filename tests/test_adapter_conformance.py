@@ -14,6 +14,7 @@ from tests.conftest import TinyConvNet
 from zsq_plugins import QuantSpec
 from zsq_plugins.adapter import ADAPTERS, QuantizerHandle, QuantizerKind, get_adapter
 from zsq_plugins.errors import MissingDependencyError, UnknownPluginError
+from zsq_plugins.quant.clipping import clip_activations
 from zsq_plugins.quant.fakequant import fake_quantize
 from zsq_plugins.quant.fold import fold_batchnorm
 from zsq_plugins.zoo._layers import Normalize
@@ -245,3 +246,29 @@ def test_override_acts_only_while_the_quantizer_is_enabled(name):
     with torch.no_grad():
         torch.testing.assert_close(quantized.model(data[1]), off)
     remover.remove()
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_accurate_activation_clipping_lands_on_the_toolkits_quantizers(name):
+    quantized, data = quantize(name, tiny_model("relu6"), QuantSpec(weight_bits=4, act_bits=3))
+    images = torch.cat(data)
+    kept = {h.layer: h.scale().clone() for h in quantized.activation_handles()}
+    results = clip_activations(quantized, images)
+    assert results and all(r.mse_after < r.mse_before for r in results)
+    assert any(r.mse_after < 0.9 * r.mse_before for r in results)  # 3-bit min-max is coarse
+    changed = {r.layer: r for r in results}
+    for handle in quantized.activation_handles():
+        expected = changed[handle.layer].new_scale if handle.layer in changed else None
+        scale = handle.scale().flatten()[0].item()
+        if expected is None:
+            torch.testing.assert_close(handle.scale(), kept[handle.layer])
+        else:
+            torch.testing.assert_close(scale, expected, rtol=1e-5, atol=0)
+
+    def run():
+        with torch.no_grad():
+            quantized.model(data[1])
+
+    for handle in quantized.activation_handles():  # the toolkit's own kernels use the range
+        x, y = _through(handle, run)
+        torch.testing.assert_close(y, _expected(handle, x), rtol=1e-5, atol=1e-6)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from zsq_plugins.adapter import ADAPTERS, QuantizedModel, get_adapter, installed_adapters
 from zsq_plugins.errors import UnknownPluginError
+from zsq_plugins.quant.clipping import ClipResult, clip_activations
 from zsq_plugins.reconstruction import RECONSTRUCTIONS, ReconstructionReport
 from zsq_plugins.reconstruction import reconstruct as run_reconstruction
 from zsq_plugins.spec import QuantSpec
@@ -37,6 +38,8 @@ class ApplyReport:
     quantized: QuantizedModel
     """The toolkit's model with its quantizer handles."""
     reconstruction: ReconstructionReport | None = None
+    clipping: list[ClipResult] | None = None
+    """Per activation quantizer, what accurate activation clipping changed (with ``aac``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +52,7 @@ class ApplyReport:
             "quantizers": len(self.quantized.handles),
             "adapter_report": self.quantized.report,
             "reconstruction": self.reconstruction.to_dict() if self.reconstruction else None,
+            "clipping": ([dataclasses.asdict(c) for c in self.clipping] if self.clipping else None),
         }
 
 
@@ -81,6 +85,7 @@ def apply(
     *,
     reconstruct_budget: str = "cpu",
     reconstruct_options: dict[str, Any] | None = None,
+    aac: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     **synthesis: Any,
@@ -92,7 +97,10 @@ def apply(
     ``reconstruct`` names a reconstruction preset (``adaround``, ``brecq``, ``qdrop``,
     ``genie-m``) run on the toolkit's own model after calibration, with the same images and
     ``reconstruct_budget`` (``cpu`` or ``paper``); ``reconstruct_options`` override any
-    ReconstructionConfig field (``{"iterations": 500}``). Returns the toolkit-native quantized model
+    ReconstructionConfig field (``{"iterations": 500}``). ``aac`` sets every activation
+    quantizer's range, after the toolkit's calibration, to the MSE-optimal clip of the FP
+    model's activations on the same images (accurate activation clipping,
+    zsq_plugins.quant.clipping). Returns the toolkit-native quantized model
     and a report (settings, timings, ``report.quantized`` with the quantizer handles).
     ``synthesis`` options (``budget``, ``iterations``...) go to ``synthesize`` when ``data`` is
     a preset name.
@@ -117,9 +125,13 @@ def apply(
     example_input = (first[0] if isinstance(first, tuple | list) else first)[:2]
     quantized = adapter.quantize(model, spec, loader, example_input)
     calibrated = time.perf_counter()
+    images = None
+    if aac or reconstruct is not None:
+        images = torch.cat([b[0] if isinstance(b, tuple | list) else b for b in loader])
+    clipping = clip_activations(quantized, images, seed=seed) if aac else None
+    clipped = time.perf_counter()
     reconstruction = None
     if reconstruct is not None:
-        images = torch.cat([b[0] if isinstance(b, tuple | list) else b for b in loader])
         reconstruction = run_reconstruction(
             quantized,
             model,
@@ -139,11 +151,13 @@ def apply(
         timings_s={
             "data": round(data_ready - started, 3),
             "quantize_and_calibrate": round(calibrated - data_ready, 3),
-            "reconstruct": round(done - calibrated, 3),
+            "clip": round(clipped - calibrated, 3),
+            "reconstruct": round(done - clipped, 3),
             "total": round(done - started, 3),
         },
         quantized=quantized,
         reconstruction=reconstruction,
+        clipping=clipping,
     )
     log.info("apply(%s, %s): %s", toolkit, spec.label, report.timings_s)
     return quantized.model, report
