@@ -125,7 +125,7 @@ def main() -> None:
                         }
                     )
                     log.info("%s", rows[-1])
-        if "fx" in toolkits:
+        if "fx" in toolkits and "real" in args.sources:  # timed on a quiet run only
             speed.append(
                 int8_speed(model_name, calibration_subset(args.num_samples, seed=args.seed))
             )

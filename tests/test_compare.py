@@ -42,6 +42,8 @@ def test_config_errors_name_the_problem(tmp_path):
         small(toolkits=["fx", "fx"])
     with pytest.raises(ValueError, match="num_samples"):
         small(num_samples=0)
+    with pytest.raises(ValueError, match="iterationz"):
+        small(synthesis={"iterationz": 5})
     bad = tmp_path / "bad.toml"
     bad.write_text("[grid\n")
     with pytest.raises(ZSQError, match="not valid TOML"):
@@ -75,7 +77,8 @@ def test_grid_resumes_and_refuses_another_protocol(tmp_path, monkeypatch):
         calls.append(cell.key)
         if len(calls) == 2:
             raise KeyboardInterrupt  # interrupted after one finished cell
-        return {**cell.__dict__, "top1": 90.0 + len(calls), "fp32_top1": 93.92, "timings_s": {}}
+        top1 = 90.0 + len(calls)
+        return {**cell.__dict__, "top1": top1, "fp32_top1": 93.92, "num_test": 200, "timings_s": {}}
 
     monkeypatch.setattr(compare, "run_cell", fake_cell)
     monkeypatch.setattr(compare, "calibration_images", lambda *a, **k: None)
@@ -115,6 +118,7 @@ def _rows():
                         **cell.__dict__,
                         "top1": base - drop - offset,
                         "fp32_top1": 93.92,
+                        "num_test": 10000,
                         "timings_s": {"data": 1.0, "quantize_and_calibrate": 2.0},
                     }
                 )
