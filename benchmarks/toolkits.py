@@ -2,11 +2,13 @@
 
     python benchmarks/toolkits.py
     python benchmarks/toolkits.py --models resnet20_fmnist --specs W8A8 --sources real
+    python benchmarks/toolkits.py --sources genie    # adds the genie cells to the tables
 
 For resnet20_fmnist and mobilenetv2_fmnist at W8A8, W4A8 and W4A4, each toolkit is calibrated
-(no reconstruction) with 1024 real training images, with Gaussian noise, and with each
-zero-shot preset given by --presets; top-1 on the 10k test set, time of each step, and the
-speed of the fx int8 model against FP32. Synthetic sets are cached under --cache-dir.
+(no reconstruction) with 1024 real training images, with Gaussian noise, and with the best
+zero-shot preset (genie; any preset can be given to --sources); top-1 on the 10k test set,
+time of each step, and the speed of the fx int8 model against FP32 (timed on runs that include
+real data). Synthetic sets are cached under --cache-dir.
 
 Each model's results go to docs/results/toolkits/<model>.json (models can run separately);
 docs/results/toolkits.md is rendered from every JSON there.
@@ -88,7 +90,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet20_fmnist", "mobilenetv2_fmnist"])
     parser.add_argument("--toolkits", nargs="+", default=None, help="default: all installed")
     parser.add_argument("--specs", nargs="+", default=["W8A8", "W4A8", "W4A4"])
-    parser.add_argument("--sources", nargs="+", default=["real", "noise"])
+    # genie: the best zero-shot preset of the generators benchmark (range realism at W3A3).
+    parser.add_argument("--sources", nargs="+", default=["real", "noise", "genie"])
     parser.add_argument("--num-samples", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
