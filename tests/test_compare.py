@@ -73,7 +73,7 @@ def test_cells_cover_the_grid_in_data_order():
 def test_grid_resumes_and_refuses_another_protocol(tmp_path, monkeypatch):
     calls = []
 
-    def fake_cell(cell, config, images, test, progress):
+    def fake_cell(cell, config, images, test, progress, fp32):
         calls.append(cell.key)
         if len(calls) == 2:
             raise KeyboardInterrupt  # interrupted after one finished cell
@@ -83,6 +83,7 @@ def test_grid_resumes_and_refuses_another_protocol(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "run_cell", fake_cell)
     monkeypatch.setattr(compare, "calibration_images", lambda *a, **k: None)
     monkeypatch.setattr(compare, "evaluation_data", lambda *a, **k: None)
+    monkeypatch.setattr(compare, "fp32_top1", lambda *a, **k: 93.0)
     config = small()
     with pytest.raises(KeyboardInterrupt):
         run_grid(config, tmp_path, progress=False, plots=False)

@@ -220,8 +220,20 @@ def calibration_images(
     return data.images
 
 
+def fp32_top1(model_name: str, test: Any) -> float | None:
+    """The FP32 model's top-1 on exactly the grid's evaluation images."""
+    from zsq_plugins import evaluate, zoo
+
+    return evaluate(zoo.load(model_name), test, progress=False).top1
+
+
 def run_cell(
-    cell: Cell, config: GridConfig, images: torch.Tensor, test: Any, progress: bool
+    cell: Cell,
+    config: GridConfig,
+    images: torch.Tensor,
+    test: Any,
+    progress: bool,
+    fp32: float | None = None,
 ) -> dict[str, Any]:
     """Quantizes, calibrates (and reconstructs) one cell and evaluates it against FP32."""
     from zsq_plugins import apply, evaluate, zoo
@@ -247,7 +259,7 @@ def run_cell(
         "agreement": result.agreement,
         "kl": result.kl,
         "num_test": result.num_samples,
-        "fp32_top1": zoo.card(cell.model).published_top1,
+        "fp32_top1": fp32 if fp32 is not None else zoo.card(cell.model).published_top1,
         "timings_s": {**report.timings_s, "evaluate": round(time.perf_counter() - started, 3)},
         "reconstruction_fidelity": (
             max((b.fidelity for b in reconstruction.blocks), default=None)
@@ -330,6 +342,7 @@ def run_grid(
     log.info("%d cells, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
     images: dict[tuple[str, str], torch.Tensor] = {}
     tests: dict[str, Any] = {}
+    fp32: dict[str, float | None] = {}
     bar = tqdm(todo, desc="cells", unit="cell", disable=not progress)
     for cell in bar:
         bar.set_postfix_str(cell.key, refresh=True)
@@ -340,7 +353,15 @@ def run_grid(
             )
         if cell.model not in tests:
             tests = {cell.model: evaluation_data(cell.model, config.test_samples)}
-        result = run_cell(cell, config, images[cell.model, cell.data], tests[cell.model], progress)
+            fp32 = {cell.model: fp32_top1(cell.model, tests[cell.model])}
+        result = run_cell(
+            cell,
+            config,
+            images[cell.model, cell.data],
+            tests[cell.model],
+            progress,
+            fp32[cell.model],
+        )
         results.record(cell, result)
         log.info("%s: top-1 %.2f", cell.key, result["top1"])
         if on_cell is not None:
