@@ -1,25 +1,13 @@
-"""Synthetic sets shared by the benchmarks, cached under one folder per exact configuration.
-
-The folder name carries a hash of the preset's resolved config, so a changed preset makes a
-new set instead of tripping over (or silently reusing) one made by the old configuration.
-"""
+"""Synthetic sets shared by the benchmarks, cached under one folder per exact configuration
+(zsq_plugins.compare.synthetic_set_folder: the same layout ``zsq compare`` uses)."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from zsq_plugins import synthesize, zoo
+from zsq_plugins.compare import synthetic_set_folder
 from zsq_plugins.synthesis import SyntheticDataset
-from zsq_plugins.synthesis.presets import get_preset
-
-
-def cache_folder(
-    root: Path, model_name: str, preset: str, budget: str, num_samples: int, seed: int
-) -> Path:
-    config = get_preset(preset).config(budget).to_json()
-    digest = hashlib.sha256(config.encode()).hexdigest()[:10]
-    return root / model_name / f"{preset}-{budget}-n{num_samples}-seed{seed}-{digest}"
 
 
 def cached_synthesize(
@@ -37,6 +25,6 @@ def cached_synthesize(
         preset,
         seed,
         budget=budget,
-        cache_dir=cache_folder(root, model_name, preset, budget, num_samples, seed),
+        cache_dir=synthetic_set_folder(root, model_name, preset, budget, num_samples, seed),
         progress=progress,
     )

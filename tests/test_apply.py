@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -32,7 +34,14 @@ def test_zero_shot_apply_with_a_preset():
     x = torch.rand(4, 1, 8, 8)
     assert quantized(x).shape == (4, 4)
     assert report.toolkit == "fx" and report.data == "zeroq" and report.num_samples == 12
-    assert set(report.timings_s) == {"data", "quantize_and_calibrate", "reconstruct", "total"}
+    assert set(report.timings_s) == {
+        "data",
+        "quantize_and_calibrate",
+        "clip",
+        "reconstruct",
+        "total",
+    }
+    assert report.clipping is None and report.timings_s["clip"] < 0.01
     assert report.reconstruction is None
     assert report.quantized.model is quantized
     assert {h.bits for h in report.quantized.weight_handles()} == {4, 8}
@@ -102,3 +111,17 @@ def test_apply_with_reconstruction():
 def test_unknown_reconstruction_preset_lists_the_known_ones():
     with pytest.raises(UnknownPluginError, match="adaround, brecq, genie-m, qdrop"):
         apply(_model(), "fx", data=torch.rand(4, 1, 8, 8), reconstruct="optq")
+
+
+def test_apply_with_accurate_activation_clipping():
+    images = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec(weight_bits=4, act_bits=3)
+    _, plain = apply(_model(), "fx", spec, data=images, progress=False)
+    _, clipped = apply(_model(), "fx", spec, data=images, aac=True, progress=False)
+    assert clipped.clipping and all(c.mse_after < c.mse_before for c in clipped.clipping)
+    changed = {c.layer for c in clipped.clipping}
+    scales = {h.layer: h.scale() for h in plain.quantized.activation_handles()}
+    for handle in clipped.quantized.activation_handles():
+        if handle.layer in changed:
+            assert not torch.allclose(handle.scale(), scales[handle.layer])
+    assert json.loads(json.dumps(clipped.to_dict()))["clipping"][0]["layer"] in changed

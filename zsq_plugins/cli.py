@@ -210,6 +210,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zsq", description="Zero-shot post-training quantization for existing toolkits."
@@ -270,8 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--seed", type=int, default=0)
     quantize.add_argument("--out", required=True, help="folder for data, report and ONNX")
     quantize.add_argument("--onnx", action="store_true", help="also export QDQ ONNX")
-    quantize.add_argument("--threads", type=int, default=None, help="torch threads")
-    quantize.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _run_options(quantize)
     quantize.set_defaults(run=_cmd_quantize)
 
     compare = sub.add_parser(
@@ -285,8 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", required=True, help="results folder (reused to resume)")
     compare.add_argument("--dry-run", action="store_true", help="list the cells and stop")
     compare.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
-    compare.add_argument("--threads", type=int, default=None, help="torch threads")
-    compare.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _run_options(compare)
     compare.set_defaults(run=_cmd_compare)
 
     demo = sub.add_parser(
@@ -297,8 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         "comparison table; resumable like zsq compare.",
     )
     demo.add_argument("--out", default="zsq-demo", help="results folder (default zsq-demo)")
-    demo.add_argument("--threads", type=int, default=None, help="torch threads")
-    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _run_options(demo)
     demo.set_defaults(run=_cmd_demo)
     return parser
 

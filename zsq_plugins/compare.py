@@ -181,13 +181,23 @@ def evaluation_data(model_name: str, test_samples: int | None) -> Any:
     raise ValueError(f"no evaluation data known for dataset {model_card.dataset!r}")
 
 
-def _synthetic_folder(root: Path, model_name: str, preset: str, config: GridConfig) -> Path:
+def synthetic_set_folder(
+    root: Path,
+    model_name: str,
+    preset: str,
+    budget: str,
+    num_samples: int,
+    seed: int,
+    overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Where a synthetic set is cached under ``root``: one folder per model and exact
+    configuration (its name carries a hash of the resolved SynthesisConfig), so a changed
+    preset makes a new set instead of tripping over the old one."""
     from zsq_plugins.synthesis.presets import get_preset
 
-    synthesis = get_preset(preset).config(config.synthesis_budget).replace(**config.synthesis)
+    synthesis = get_preset(preset).config(budget).replace(**(overrides or {}))
     digest = hashlib.sha256(synthesis.to_json().encode()).hexdigest()[:10]
-    name = f"{preset}-{config.synthesis_budget}-n{config.num_samples}-seed{config.seed}-{digest}"
-    return root / model_name / name
+    return root / model_name / f"{preset}-{budget}-n{num_samples}-seed{seed}-{digest}"
 
 
 def calibration_images(
@@ -213,7 +223,15 @@ def calibration_images(
         source,
         config.seed,
         budget=config.synthesis_budget,
-        cache_dir=_synthetic_folder(data_dir, model_name, source, config),
+        cache_dir=synthetic_set_folder(
+            data_dir,
+            model_name,
+            source,
+            config.synthesis_budget,
+            config.num_samples,
+            config.seed,
+            config.synthesis,
+        ),
         progress=progress,
         **config.synthesis,
     )
