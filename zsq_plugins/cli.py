@@ -158,21 +158,28 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_compare(args: argparse.Namespace) -> int:
+def _run_grid_and_print(config: GridConfig, args: argparse.Namespace, plots: bool = True) -> int:
+    """``zsq compare`` and ``zsq demo``: run the grid into ``args.out``, print its table."""
     import torch
 
-    from zsq_plugins.compare import GridConfig, run_grid
+    from zsq_plugins.compare import run_grid
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_grid(config, args.out, progress=not args.no_progress, plots=plots)
+    print((Path(args.out) / "results.md").read_text(), end="")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from zsq_plugins.compare import GridConfig
 
     config = GridConfig.from_toml(args.config)
     if args.dry_run:
         for cell in config.cells():
             print(cell.key)
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run_grid(config, args.out, progress=not args.no_progress, plots=not args.no_plots)
-    print((Path(args.out) / "results.md").read_text(), end="")
-    return 0
+    return _run_grid_and_print(config, args, plots=not args.no_plots)
 
 
 DEMO_MODEL = "resnet20_fmnist"
@@ -192,22 +199,15 @@ def demo_config(toolkits: Sequence[str]) -> GridConfig:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
     from zsq_plugins.adapter import installed_adapters
-    from zsq_plugins.compare import run_grid
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     toolkits = installed_adapters()
     print(
         f"zsq demo: {DEMO_MODEL} quantized in {', '.join(toolkits)} with real and with "
         f"zero-shot (genie) calibration data; results go to {args.out}/\n",
         flush=True,
     )
-    run_grid(demo_config(toolkits), args.out, progress=not args.no_progress)
-    print((Path(args.out) / "results.md").read_text(), end="")
-    return 0
+    return _run_grid_and_print(demo_config(toolkits), args)
 
 
 def _run_options(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -333,7 +333,6 @@ def run_grid(
     out: str | Path,
     *,
     progress: bool = True,
-    on_cell: Callable[[dict[str, Any]], None] | None = None,
     plots: bool = True,
 ) -> list[dict[str, Any]]:
     """Runs every unfinished cell of ``config`` into ``out``; returns all the cells' results.
@@ -358,32 +357,25 @@ def run_grid(
     cells = list(config.cells())
     todo = [cell for cell in cells if results.finished(cell) is None]
     log.info("%d cells, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
-    images: dict[tuple[str, str], torch.Tensor] = {}
-    tests: dict[str, Any] = {}
-    fp32: dict[str, float | None] = {}
+    # One calibration set and one test set in memory at a time: the grid's order groups cells
+    # by model and data source.
+    images_for: tuple[str, str] | None = None
+    test_for: str | None = None
     bar = tqdm(todo, desc="cells", unit="cell", disable=not progress)
     for cell in bar:
         bar.set_postfix_str(cell.key, refresh=True)
-        if (cell.model, cell.data) not in images:
-            images.clear()  # one set in memory at a time: the grid's order groups them
-            images[cell.model, cell.data] = calibration_images(
+        if images_for != (cell.model, cell.data):
+            images = calibration_images(
                 cell.model, cell.data, config, results.folder / "data", progress
             )
-        if cell.model not in tests:
-            tests = {cell.model: evaluation_data(cell.model, config.test_samples)}
-            fp32 = {cell.model: fp32_top1(cell.model, tests[cell.model])}
-        result = run_cell(
-            cell,
-            config,
-            images[cell.model, cell.data],
-            tests[cell.model],
-            progress,
-            fp32[cell.model],
-        )
+            images_for = (cell.model, cell.data)
+        if test_for != cell.model:
+            test = evaluation_data(cell.model, config.test_samples)
+            fp32 = fp32_top1(cell.model, test)
+            test_for = cell.model
+        result = run_cell(cell, config, images, test, progress, fp32)
         results.record(cell, result)
         log.info("%s: top-1 %.2f", cell.key, result["top1"])
-        if on_cell is not None:
-            on_cell(result)
     rows = results.collected()
     record = {
         "config": config.to_dict(),
@@ -405,9 +397,11 @@ def run_grid(
     return rows
 
 
-def _bits(label: str) -> tuple[int, int]:
+def spec_order(label: str) -> tuple[int, int]:
+    """Sort key putting specs from most to fewest bits (total, then activation bits), the
+    order of every table row and plot axis."""
     spec = QuantSpec.parse(label)
-    return spec.weight_bits, spec.act_bits
+    return -(spec.weight_bits + spec.act_bits), -spec.act_bits
 
 
 METRICS = {
@@ -432,7 +426,7 @@ def render_markdown(record: dict[str, Any]) -> str:
             f"\n## {model} (FP32 {mine[0]['fp32_top1']:.2f}%, {mine[0]['num_test']} test images)\n"
         )
         toolkits = list(dict.fromkeys(r["toolkit"] for r in mine))
-        specs = sorted(dict.fromkeys(r["spec"] for r in mine), key=_bits, reverse=True)
+        specs = sorted(dict.fromkeys(r["spec"] for r in mine), key=spec_order)
         for reconstruct in dict.fromkeys(r["reconstruct"] for r in mine):
             title = "no reconstruction" if reconstruct == NO_RECONSTRUCTION else reconstruct
             for metric, heading in METRICS.items():

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from zsq_plugins.compare import spec_order
 from zsq_plugins.errors import MissingDependencyError
-from zsq_plugins.spec import QuantSpec
 
 
 class MissingPlotting(MissingDependencyError):
@@ -29,11 +29,6 @@ def _pyplot() -> Any:
     return plt
 
 
-def _bit_order(label: str) -> tuple[int, int]:
-    spec = QuantSpec.parse(label)
-    return -spec.weight_bits - spec.act_bits, -spec.act_bits
-
-
 def accuracy_vs_bits(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """One panel per toolkit (per model): top-1 against the spec, fewest bits to the right,
     a line per (data, reconstruction), and FP32 as a dashed line."""
@@ -49,7 +44,7 @@ def accuracy_vs_bits(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     )
     for i, model in enumerate(models):
         mine = [r for r in rows if r["model"] == model]
-        specs = sorted(dict.fromkeys(r["spec"] for r in mine), key=_bit_order)
+        specs = sorted(dict.fromkeys(r["spec"] for r in mine), key=spec_order)
         for j, toolkit in enumerate(toolkits):
             axis = axes[i][j]
             series = dict.fromkeys((r["data"], r["reconstruct"]) for r in mine)

@@ -130,19 +130,21 @@ def clip_activations(
     the FP activations it receives on ``images`` (see the module docstring); one whose FP
     values are all zero, or whose calibrated range already has the lower error, keeps it.
     Returns what changed, per quantizer."""
-    handles = [h for h in quantized.activation_handles() if h.enabled]
+    handles = quantized.activation_handles()  # _float_run's store is keyed by this order
     for handle in handles:
-        _per_tensor(handle)
+        if handle.enabled:
+            _per_tensor(handle)
     batches = max(1, -(-len(images) // batch_size))
     per_batch = max(1, values_per_quantizer // batches)
     model = quantized.model
     with torch.no_grad(), _float_run(quantized, per_batch, seed) as store:
         for start in range(0, len(images), batch_size):
             model(images[start : start + batch_size])
-    indexed = {id(h): i for i, h in enumerate(quantized.activation_handles())}
     results = []
-    for handle in handles:
-        samples = store.get(indexed[id(handle)])
+    for index, handle in enumerate(handles):
+        if not handle.enabled:
+            continue
+        samples = store.get(index)
         if not samples:
             raise ZSQError(f"the activation quantizer of {handle.layer!r} saw no data")
         values = torch.cat(samples)
