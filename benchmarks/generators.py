@@ -182,8 +182,8 @@ def render(record: dict[str, Any]) -> str:
                 }
                 for r in model["budget_comparison"]
             ]
-            columns = ["budget", "iterations", "generation_s", *rows[0].keys() - {"budget"}]
-            out.append(markdown_table(rows, list(dict.fromkeys(columns))))
+            grid = [f"{spec}/{method}" for method in RANGE_METHODS for spec in SPECS]
+            out.append(markdown_table(rows, ["budget", "iterations", "generation_s", *grid]))
         out.append(
             f"\n![samples](generators_samples_{name}.png)\n\nRows of the picture: "
             f"{', '.join(r['source'] for r in model['rows'])}.\n"

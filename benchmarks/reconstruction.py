@@ -205,8 +205,80 @@ def render() -> str:
         ]
         if costs:
             out.append("\n### Cost\n\n" + markdown_table(costs, list(costs[0]), digits=3))
+        pipelines = pipeline_rows(mine)
+        if pipelines:
+            out.append(
+                "\n### Zero-shot pipeline: generate 1024 images + reconstruct\n\n"
+                "Generation seconds come from the generators benchmark "
+                "(docs/results/generators/), on the same machine and threads.\n\n"
+                + markdown_table(pipelines, list(pipelines[0]), digits=1)
+            )
+    plot = RESULTS / "reconstruction_accuracy_vs_bits.png"
+    if write_plot(cells, plot):
+        out.append(f"\n![accuracy vs bits]({plot.relative_to(RESULTS).as_posix()})\n")
     out.append(environment_footer(cells[0]["environment"]))
     return "".join(out)
+
+
+def generation_seconds(model: str, preset: str) -> float | None:
+    """Seconds the generators benchmark took for 1024 images of ``preset`` on ``model``."""
+    path = RESULTS / "generators" / f"{model}.json"
+    if not path.is_file():
+        return None
+    for entry in json.loads(path.read_text())["models"]:
+        for row in entry["rows"]:
+            if row["source"] == preset and row.get("num_samples") == 1024:
+                return row["generation_s"]
+    return None
+
+
+def pipeline_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for c in cells:
+        if c["source"] == "real" or c["method"] == "none" or c["num_samples"] != 1024:
+            continue
+        generation = generation_seconds(c["model"], c["source"])
+        if generation is None:
+            continue
+        reconstruct_s = c["timings_s"]["reconstruct"]
+        rows.append(
+            {
+                "toolkit": c["toolkit"],
+                "spec": c["spec"],
+                "data": c["source"],
+                "method": c["method"],
+                "budget": c["budget"],
+                "generate_s": generation,
+                "reconstruct_s": reconstruct_s,
+                "pipeline_min": (generation + reconstruct_s) / 60,
+                "top1": c["top1"],
+            }
+        )
+    return rows
+
+
+def write_plot(cells: list[dict[str, Any]], path: Path) -> bool:
+    """Accuracy against bits per toolkit (zsq_plugins.plots); False without matplotlib."""
+    from zsq_plugins.plots import MissingPlotting, accuracy_vs_bits
+
+    rows = [
+        {
+            "model": c["model"],
+            "toolkit": c["toolkit"],
+            "spec": c["spec"],
+            "data": c["source"] if c["budget"] == "cpu" else f"{c['source']} ({c['budget']})",
+            "reconstruct": c["method"],
+            "top1": c["top1"],
+            "fp32_top1": c["fp32_top1"],
+        }
+        for c in cells
+    ]
+    try:
+        accuracy_vs_bits(rows, path)
+    except MissingPlotting as error:
+        log.warning("%s", error)
+        return False
+    return True
 
 
 if __name__ == "__main__":

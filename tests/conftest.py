@@ -8,6 +8,7 @@ from torch import nn
 
 from zsq_plugins.datasets import fashion_mnist
 from zsq_plugins.errors import DatasetNotFoundError
+from zsq_plugins.testing import TinyConvNet
 
 
 def has_fashion_mnist() -> bool:
@@ -34,26 +35,6 @@ requires_imagenet_extra = pytest.mark.skipif(
     or importlib.util.find_spec("foolbox") is None,
     reason="the [imagenet] extra is not installed",
 )
-
-
-class TinyConvNet(nn.Module):
-    """Conv-BN-ReLU x2 + linear on 1x8x8 inputs: small enough for any unit test."""
-
-    def __init__(self, num_classes: int = 4) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.relu2 = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu1(self.bn1(self.conv1(x)))
-        x = self.relu2(self.bn2(self.conv2(x)))
-        return self.fc(self.pool(x).flatten(1))
 
 
 @pytest.fixture

@@ -37,11 +37,13 @@ def test_zero_shot_apply_with_a_preset():
     assert set(report.timings_s) == {
         "data",
         "quantize_and_calibrate",
+        "abn",
         "clip",
         "reconstruct",
         "total",
     }
     assert report.clipping is None and report.timings_s["clip"] < 0.01
+    assert report.adaptive_bn is None and report.timings_s["abn"] < 0.01
     assert report.reconstruction is None
     assert report.quantized.model is quantized
     assert {h.bits for h in report.quantized.weight_handles()} == {4, 8}
@@ -105,7 +107,20 @@ def test_apply_with_reconstruction():
     )
     assert report.reconstruction is not None
     assert all(block.fidelity <= 1e-5 for block in report.reconstruction.blocks)
-    assert report.to_dict()["reconstruction"]["config"]["weight_scale_lr"] == 1e-4
+    config = report.to_dict()["reconstruction"]["config"]
+    assert config["weight_scale_lr"] == 1e-4
+    assert config["iterations"] == 10  # reconstruct_options reach the routine
+
+
+def test_unknown_reconstruction_option_fails_before_any_work():
+    with pytest.raises(ValueError, match="iteration"):
+        apply(
+            _model(),
+            "fx",
+            data="zeroq",
+            reconstruct="brecq",
+            reconstruct_options={"iteration": 10},
+        )
 
 
 def test_unknown_reconstruction_preset_lists_the_known_ones():
@@ -128,3 +143,21 @@ def test_apply_with_accurate_activation_clipping():
         else:
             torch.testing.assert_close(handle.scale(), before[handle.layer])
     assert json.loads(json.dumps(clipped.to_dict()))["clipping"][0]["layer"] in changed
+
+
+def test_apply_with_adaptive_bn_moves_layer_statistics_toward_fp32():
+    images = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec(weight_bits=3, act_bits=4)
+    model = _model()
+    with torch.no_grad():
+        reference = model(images)
+    errors = {}
+    for abn in (False, True):
+        quantized, report = apply(_model(), "fx", spec, data=images, abn=abn, progress=False)
+        with torch.no_grad():
+            errors[abn] = (quantized(images).mean(0) - reference.mean(0)).abs().max().item()
+    assert [c.layer for c in report.adaptive_bn] == [
+        h.layer for h in report.quantized.weight_handles()
+    ]
+    assert json.loads(json.dumps(report.to_dict()))["adaptive_bn"][0]["scaled"] is True
+    assert errors[True] < 0.5 * errors[False]

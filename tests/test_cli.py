@@ -80,6 +80,16 @@ def test_quantize_writes_a_report_and_onnx(tmp_path, capsys):
     assert report["agreement"] > 97.0 and report["spec"]["weight_bits"] == 8
     assert report["toolkit"] == "fx" and report["num_samples"] == 64
     assert Path(report["onnx"]).stat().st_size > 10_000
+    assert report["adaptive_bn"] is None and report["clipping"] is None
+
+
+def test_quantize_with_adaptive_bn_and_clipping(tmp_path, capsys):
+    argv = ["quantize", "resnet20_fmnist", "--spec", "W4A4", "--data", "real", "--abn", "--aac"]
+    argv += ["--num-samples", "64", "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["adaptive_bn"]) == 22  # 21 convolutions (two 1x1 shortcuts), the head
+    assert report["clipping"] and report["timings_s"]["abn"] > 0
 
 
 def test_quantize_rejects_real_data_where_there_is_none(tmp_path, capsys):

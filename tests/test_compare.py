@@ -44,6 +44,8 @@ def test_config_errors_name_the_problem(tmp_path):
         small(num_samples=0)
     with pytest.raises(ValueError, match="iterationz"):
         small(synthesis={"iterationz": 5})
+    with pytest.raises(ValueError, match=r"unknown calibration.*'acc'.*aac\+abn"):
+        small(calibration=["plain", "acc"])
     bad = tmp_path / "bad.toml"
     bad.write_text("[grid\n")
     with pytest.raises(ZSQError, match="not valid TOML"):
@@ -68,6 +70,24 @@ def test_cells_cover_the_grid_in_data_order():
     assert len({c.key for c in cells}) == len(cells)
     # cells of one data source are contiguous, so one synthetic set is in memory at a time
     assert [c.data for c in cells] == ["real"] * 8 + ["noise"] * 8
+
+
+def test_calibration_axis_adds_cells_without_renaming_plain_ones():
+    config = small(specs=["W4A4"], calibration=["plain", "aac+abn"])
+    keys = [c.key for c in config.cells()]
+    assert keys == [
+        "resnet20_fmnist__fx__real__W4A4__none",  # the key plain cells always had
+        "resnet20_fmnist__fx__real__W4A4__none__aac+abn",
+    ]
+    rows = [
+        {**c.__dict__, "top1": top1, "fp32_top1": 93.9, "num_test": 200, "timings_s": {}}
+        for c, top1 in zip(config.cells(), (80.0, 85.0), strict=True)
+    ]
+    markdown = render_markdown(
+        {"config": config.to_dict(), "environment": environment_info(), "cells": rows}
+    )
+    assert "### Top-1 (%), no reconstruction" in markdown
+    assert "### Top-1 (%), aac+abn, no reconstruction" in markdown
 
 
 def test_grid_resumes_and_refuses_another_protocol(tmp_path, monkeypatch):

@@ -177,12 +177,18 @@ class Adapter(Protocol):
         example_input: torch.Tensor,
     ) -> QuantizedModel:
         """Builds the toolkit's quantized model for ``spec`` (BN folded first) and calibrates
-        it with the batches of ``calibration`` in the toolkit's own way."""
+        it with the batches of ``calibration`` in the toolkit's own way.
+
+        In the returned model, ``model.get_submodule(layer)`` is the toolkit's module of each
+        weight handle's layer: a forward pre-hook on it sees the layer's input (the
+        reconstruction routine stops there) and it carries the layer's float ``bias``
+        (adaptive BN writes it)."""
 
     def export_onnx(
         self, quantized: QuantizedModel, path: str | Path, example_input: torch.Tensor
     ) -> Path:
-        """Writes a QDQ/QCDQ ONNX file that onnxruntime runs."""
+        """Writes a QDQ/QCDQ ONNX file that onnxruntime runs; raises NotImplementedError for
+        a toolkit without ONNX export."""
 
 
 ADAPTERS: Registry[Any] = Registry("toolkit adapter", ADAPTERS_GROUP)

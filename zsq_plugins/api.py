@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from zsq_plugins.adapter import ADAPTERS, QuantizedModel, get_adapter, installed_adapters
 from zsq_plugins.errors import UnknownPluginError
+from zsq_plugins.quant.adaptive_bn import BNCorrection, adapt_batchnorm
 from zsq_plugins.quant.clipping import ClipResult, clip_activations
 from zsq_plugins.reconstruction import RECONSTRUCTIONS, ReconstructionReport
 from zsq_plugins.reconstruction import reconstruct as run_reconstruction
@@ -40,6 +41,8 @@ class ApplyReport:
     reconstruction: ReconstructionReport | None = None
     clipping: list[ClipResult] | None = None
     """Per activation quantizer, what accurate activation clipping changed (with ``aac``)."""
+    adaptive_bn: list[BNCorrection] | None = None
+    """Per conv/linear layer, the statistics gap adaptive BN corrected (with ``abn``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +56,9 @@ class ApplyReport:
             "adapter_report": self.quantized.report,
             "reconstruction": self.reconstruction.to_dict() if self.reconstruction else None,
             "clipping": ([dataclasses.asdict(c) for c in self.clipping] if self.clipping else None),
+            "adaptive_bn": (
+                [dataclasses.asdict(c) for c in self.adaptive_bn] if self.adaptive_bn else None
+            ),
         }
 
 
@@ -86,6 +92,7 @@ def apply(
     reconstruct_budget: str = "cpu",
     reconstruct_options: dict[str, Any] | None = None,
     aac: bool = False,
+    abn: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     **synthesis: Any,
@@ -100,13 +107,19 @@ def apply(
     ReconstructionConfig field (``{"iterations": 500}``). ``aac`` sets every activation
     quantizer's range, after the toolkit's calibration, to the MSE-optimal clip of the FP
     model's activations on the same images (accurate activation clipping,
-    zsq_plugins.quant.clipping). Returns the toolkit-native quantized model
+    zsq_plugins.quant.clipping). ``abn`` (adaptive BN, after AAC) corrects every
+    conv/linear layer's per-channel output mean and deviation toward the FP model's on the
+    same images (zsq_plugins.quant.adaptive_bn). Returns the toolkit-native quantized model
     and a report (settings, timings, ``report.quantized`` with the quantizer handles).
     ``synthesis`` options (``budget``, ``iterations``...) go to ``synthesize`` when ``data`` is
     a preset name.
     """
-    if reconstruct is not None:
-        RECONSTRUCTIONS.get(reconstruct)  # an unknown preset fails before any work
+    if reconstruct is not None:  # an unknown preset or option fails before any work
+        RECONSTRUCTIONS.get(reconstruct).config(reconstruct_budget).replace(
+            **(reconstruct_options or {})
+        )
+    elif reconstruct_options:
+        raise TypeError("reconstruct_options needs reconstruct=<preset name>")
     spec = spec if spec is not None else QuantSpec()
     if toolkit not in ADAPTERS:
         raise UnknownPluginError(
@@ -126,10 +139,15 @@ def apply(
     quantized = adapter.quantize(model, spec, loader, example_input)
     calibrated = time.perf_counter()
     images = None
-    if aac or reconstruct is not None:
+    if aac or abn or reconstruct is not None:
         images = torch.cat([b[0] if isinstance(b, tuple | list) else b for b in loader])
+    # AAC first: it reads FP activations through identity overrides of the toolkit's model,
+    # whose float weights ABN rescales; and ABN should correct the statistics that the final
+    # activation ranges produce.
     clipping = clip_activations(quantized, images, seed=seed) if aac else None
     clipped = time.perf_counter()
+    corrections = adapt_batchnorm(quantized, model, images) if abn else None
+    adapted = time.perf_counter()
     reconstruction = None
     if reconstruct is not None:
         reconstruction = run_reconstruction(
@@ -140,6 +158,7 @@ def apply(
             budget=reconstruct_budget,
             seed=seed,
             progress=progress,
+            **(reconstruct_options or {}),
         )
     done = time.perf_counter()
     report = ApplyReport(
@@ -152,12 +171,14 @@ def apply(
             "data": round(data_ready - started, 3),
             "quantize_and_calibrate": round(calibrated - data_ready, 3),
             "clip": round(clipped - calibrated, 3),
-            "reconstruct": round(done - clipped, 3),
+            "abn": round(adapted - clipped, 3),
+            "reconstruct": round(done - adapted, 3),
             "total": round(done - started, 3),
         },
         quantized=quantized,
         reconstruction=reconstruction,
         clipping=clipping,
+        adaptive_bn=corrections,
     )
     log.info("apply(%s, %s): %s", toolkit, spec.label, report.timings_s)
     return quantized.model, report

@@ -134,6 +134,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         reconstruct=args.reconstruct,
         seed=args.seed,
         reconstruct_budget=args.budget,
+        aac=args.aac,
+        abn=args.abn,
         progress=not args.no_progress,
     )
     result = evaluate(
@@ -166,7 +168,7 @@ def _run_grid_and_print(config: GridConfig, args: argparse.Namespace, plots: boo
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_grid(config, args.out, progress=not args.no_progress, plots=plots)
+    run_grid(config, args.out, data_dir=args.data_dir, progress=not args.no_progress, plots=plots)
     print((Path(args.out) / "results.md").read_text(), end="")
     return 0
 
@@ -272,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--num-samples", type=int, default=1024)
     quantize.add_argument("--reconstruct", default=None, help="e.g. genie-m, brecq, adaround")
     quantize.add_argument("--budget", default="cpu", choices=["cpu", "paper"])
+    quantize.add_argument(
+        "--aac", action="store_true", help="accurate activation clipping after calibration"
+    )
+    quantize.add_argument(
+        "--abn", action="store_true", help="adaptive BN: correct layer statistics toward FP32"
+    )
     quantize.add_argument("--seed", type=int, default=0)
     quantize.add_argument("--out", required=True, help="folder for data, report and ONNX")
     quantize.add_argument("--onnx", action="store_true", help="also export QDQ ONNX")
@@ -288,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("config", help="a TOML file with a [grid] table")
     compare.add_argument("--out", required=True, help="results folder (reused to resume)")
     compare.add_argument("--dry-run", action="store_true", help="list the cells and stop")
+    compare.add_argument(
+        "--data-dir", default=None, help="where synthetic sets are cached (default OUT/data)"
+    )
     compare.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
     _run_options(compare)
     compare.set_defaults(run=_cmd_compare)
@@ -300,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
         "comparison table; resumable like zsq compare.",
     )
     demo.add_argument("--out", default="zsq-demo", help="results folder (default zsq-demo)")
+    demo.add_argument(
+        "--data-dir", default=None, help="where synthetic sets are cached (default OUT/data)"
+    )
     _run_options(demo)
     demo.set_defaults(run=_cmd_demo)
     return parser

@@ -42,6 +42,15 @@ log = logging.getLogger(__name__)
 REAL = "real"
 """The data source name for real training images (the models' own data, where it exists)."""
 NO_RECONSTRUCTION = "none"
+PLAIN = "plain"
+CALIBRATIONS: dict[str, dict[str, bool]] = {
+    PLAIN: {},
+    "aac": {"aac": True},
+    "abn": {"abn": True},
+    "aac+abn": {"aac": True, "abn": True},
+}
+"""What runs after the toolkit's own calibration: accurate activation clipping (``aac``),
+adaptive BN (``abn``), both, or nothing (``plain``); apply's options of the same names."""
 
 
 def _names(value: Any, field: str) -> tuple[str, ...]:
@@ -68,6 +77,9 @@ class GridConfig:
     reconstruct: tuple[str, ...] = (NO_RECONSTRUCTION,)
     """``none`` and/or reconstruction preset names (``adaround``, ``brecq``, ``qdrop``,
     ``genie-m``)."""
+    calibration: tuple[str, ...] = (PLAIN,)
+    """``plain``, ``aac``, ``abn`` and/or ``aac+abn``: corrections after the toolkit's
+    calibration (accurate activation clipping, adaptive BN)."""
     num_samples: int = 1024
     """Calibration images per cell."""
     seed: int = 0
@@ -80,8 +92,13 @@ class GridConfig:
     ``{"iterations": 50, "batch_size": 32}`` (a TOML table ``[grid.synthesis]``)."""
 
     def __post_init__(self) -> None:
-        for field in ("models", "toolkits", "data", "specs", "reconstruct"):
+        for field in ("models", "toolkits", "data", "specs", "reconstruct", "calibration"):
             object.__setattr__(self, field, _names(getattr(self, field), field))
+        unknown = sorted(set(self.calibration) - set(CALIBRATIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown calibration(s) {unknown}; choose from {', '.join(CALIBRATIONS)}"
+            )
         for label in self.specs:
             QuantSpec.parse(label)  # a malformed label fails before any work
         for field in ("synthesis_budget", "reconstruct_budget"):
@@ -134,9 +151,10 @@ class GridConfig:
         for model in self.models:
             for data in self.data:
                 for reconstruct in self.reconstruct:
-                    for spec in self.specs:
-                        for toolkit in self.toolkits:
-                            yield Cell(model, toolkit, data, spec, reconstruct)
+                    for calibration in self.calibration:
+                        for spec in self.specs:
+                            for toolkit in self.toolkits:
+                                yield Cell(model, toolkit, data, spec, reconstruct, calibration)
 
     def protocol(self) -> dict[str, Any]:
         """The options every cell shares; a results folder holds one protocol only."""
@@ -157,10 +175,14 @@ class Cell:
     data: str
     spec: str
     reconstruct: str = NO_RECONSTRUCTION
+    calibration: str = PLAIN
 
     @property
     def key(self) -> str:
-        return "__".join((self.model, self.toolkit, self.data, self.spec, self.reconstruct))
+        parts = [self.model, self.toolkit, self.data, self.spec, self.reconstruct]
+        if self.calibration != PLAIN:  # plain cells keep the keys they had before the axis
+            parts.append(self.calibration)
+        return "__".join(parts)
 
 
 def evaluation_data(model_name: str, test_samples: int | None) -> Any:
@@ -267,6 +289,7 @@ def run_cell(
         seed=config.seed,
         reconstruct_budget=config.reconstruct_budget,
         progress=progress,
+        **CALIBRATIONS[cell.calibration],
     )
     started = time.perf_counter()
     result = evaluate(quantized, test, fp_model, progress=progress, description=cell.key)
@@ -332,13 +355,15 @@ def run_grid(
     config: GridConfig,
     out: str | Path,
     *,
+    data_dir: str | Path | None = None,
     progress: bool = True,
     plots: bool = True,
 ) -> list[dict[str, Any]]:
     """Runs every unfinished cell of ``config`` into ``out``; returns all the cells' results.
 
     Finished cells are skipped, so a run interrupted at any point resumes; each cell's JSON is
-    written atomically the moment it is done. Synthetic sets are cached under ``out/data``.
+    written atomically the moment it is done. Synthetic sets are cached under ``data_dir``
+    (default ``out/data``; share one folder between grids to generate each set once).
     Writes ``results.json``, ``results.md`` and (with matplotlib) ``accuracy_vs_bits.png``.
     """
     from tqdm.auto import tqdm
@@ -366,7 +391,7 @@ def run_grid(
         bar.set_postfix_str(cell.key, refresh=True)
         if images_for != (cell.model, cell.data):
             images = calibration_images(
-                cell.model, cell.data, config, results.folder / "data", progress
+                cell.model, cell.data, config, Path(data_dir or results.folder / "data"), progress
             )
             images_for = (cell.model, cell.data)
         if test_for != cell.model:
@@ -427,8 +452,11 @@ def render_markdown(record: dict[str, Any]) -> str:
         )
         toolkits = list(dict.fromkeys(r["toolkit"] for r in mine))
         specs = sorted(dict.fromkeys(r["spec"] for r in mine), key=spec_order)
-        for reconstruct in dict.fromkeys(r["reconstruct"] for r in mine):
+        settings = dict.fromkeys((r["reconstruct"], r.get("calibration", PLAIN)) for r in mine)
+        for reconstruct, calibration in settings:
             title = "no reconstruction" if reconstruct == NO_RECONSTRUCTION else reconstruct
+            if calibration != PLAIN:
+                title = f"{calibration}, {title}"
             for metric, heading in METRICS.items():
                 table = []
                 for data in dict.fromkeys(r["data"] for r in mine):
@@ -436,7 +464,8 @@ def render_markdown(record: dict[str, Any]) -> str:
                         cells = {
                             r["toolkit"]: r.get(metric)
                             for r in mine
-                            if (r["data"], r["spec"], r["reconstruct"]) == (data, spec, reconstruct)
+                            if (r["data"], r["spec"], r["reconstruct"], r.get("calibration", PLAIN))
+                            == (data, spec, reconstruct, calibration)
                         }
                         values = [v for v in cells.values() if v is not None]
                         if not values:

@@ -29,9 +29,14 @@ def _pyplot() -> Any:
     return plt
 
 
+def _setting(row: dict[str, Any]) -> tuple[str, str, str]:
+    """What one line of a panel holds: data source, calibration corrections, reconstruction."""
+    return row["data"], row.get("calibration", "plain"), row["reconstruct"]
+
+
 def accuracy_vs_bits(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """One panel per toolkit (per model): top-1 against the spec, fewest bits to the right,
-    a line per (data, reconstruction), and FP32 as a dashed line."""
+    a line per (data, calibration, reconstruction), and FP32 as a dashed line."""
     plt = _pyplot()
     models = list(dict.fromkeys(r["model"] for r in rows))
     toolkits = list(dict.fromkeys(r["toolkit"] for r in rows))
@@ -47,17 +52,17 @@ def accuracy_vs_bits(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         specs = sorted(dict.fromkeys(r["spec"] for r in mine), key=spec_order)
         for j, toolkit in enumerate(toolkits):
             axis = axes[i][j]
-            series = dict.fromkeys((r["data"], r["reconstruct"]) for r in mine)
-            for data, reconstruct in series:
+            series = dict.fromkeys(_setting(r) for r in mine)
+            for setting in series:
                 points = {
                     r["spec"]: r["top1"]
                     for r in mine
-                    if (r["toolkit"], r["data"], r["reconstruct"]) == (toolkit, data, reconstruct)
+                    if r["toolkit"] == toolkit and _setting(r) == setting
                 }
                 xs = [k for k, spec in enumerate(specs) if spec in points]
                 if not xs:
                     continue
-                label = data if reconstruct == "none" else f"{data} + {reconstruct}"
+                label = " + ".join(part for part in setting if part not in ("none", "plain"))
                 axis.plot(xs, [points[specs[k]] for k in xs], marker="o", label=label)
             axis.axhline(mine[0]["fp32_top1"], color="grey", linestyle="--", label="FP32")
             axis.set_xticks(range(len(specs)), specs)
@@ -75,12 +80,19 @@ def accuracy_vs_bits(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 
 def cost_bars(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Median seconds of each pipeline step per toolkit (data, calibrate, reconstruct)."""
+    """Median seconds of each pipeline step per toolkit (data, calibrate, the corrections
+    after it, reconstruct)."""
     import statistics
 
     plt = _pyplot()
     toolkits = list(dict.fromkeys(r["toolkit"] for r in rows))
-    steps = {"data": "data", "quantize_and_calibrate": "calibrate", "reconstruct": "reconstruct"}
+    steps = {
+        "data": "data",
+        "quantize_and_calibrate": "calibrate",
+        "abn": "adaptive BN",
+        "clip": "AAC",
+        "reconstruct": "reconstruct",
+    }
     figure, axis = plt.subplots(figsize=(1.8 + 1.6 * len(toolkits), 3.4))
     bottoms = [0.0] * len(toolkits)
     for key, label in steps.items():

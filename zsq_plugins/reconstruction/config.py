@@ -47,6 +47,11 @@ class ReconstructionConfig:
     reconstruction (QDrop: 0.5); 0 disables it (AdaRound, BRECQ)."""
     learn_act_scales: bool = True
     """Learn activation step sizes (BRECQ, QDrop, Genie-M); AdaRound keeps them fixed."""
+    init_act_ranges: bool = True
+    """Start every activation quantizer from the MSE-optimal clip of the FP activations
+    (zsq_plugins.quant.clipping) instead of the toolkit's calibrated range, as BRECQ and
+    QDrop initialize activation steps by an MSE search; a toolkit's min-max range at 4 bits
+    is far from it, and learned steps move too little in a short budget to make up for it."""
 
     def __post_init__(self) -> None:
         try:

@@ -29,17 +29,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from zsq_plugins.adapter import QuantizedModel, QuantizerHandle
+from zsq_plugins.capture import capture_at, run_to
 from zsq_plugins.errors import ZSQError
+from zsq_plugins.quant.clipping import clip_activations
 from zsq_plugins.quant.fold import fold_batchnorm
 from zsq_plugins.reconstruction.blocks import Block, find_blocks
 from zsq_plugins.reconstruction.config import ReconstructionConfig
 from zsq_plugins.reconstruction.rounding import AdaRoundWeight, LSQActivation
 
 log = logging.getLogger(__name__)
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the block's output point is reached."""
 
 
 @dataclasses.dataclass
@@ -51,6 +49,9 @@ class BlockReport:
     seconds: float
     fidelity: float
     """Max |routine's final output - toolkit-native output| at the block's output point."""
+    hard_loss: float = math.nan
+    """The reconstruction loss of the written-back block (hard rounding, no QDrop) on the
+    first batch: compared with ``final_loss`` (soft rounding), the cost of rounding."""
 
 
 @dataclasses.dataclass
@@ -71,39 +72,6 @@ def _first_layer(block: Block) -> str | None:
     return block.layers[0] if block.layers else None
 
 
-@contextmanager
-def _capture_at(model: nn.Module, layer: str | None) -> Iterator[list[torch.Tensor]]:
-    """Yields a list that receives the input of ``layer`` (and stops the forward there), or
-    the model's output when ``layer`` is None."""
-    store: list[torch.Tensor] = []
-    if layer is None:
-        hook = model.register_forward_hook(lambda _, args, out: store.append(out))
-    else:
-
-        def record(_: nn.Module, args: tuple) -> None:
-            store.append(args[0])
-            raise _Stop
-
-        hook = model.get_submodule(layer).register_forward_pre_hook(record)
-    try:
-        yield store
-    finally:
-        hook.remove()
-
-
-def _run_to(model: nn.Module, x: torch.Tensor, store: list[torch.Tensor]) -> torch.Tensor:
-    store.clear()
-    try:
-        output = model(x)
-    except _Stop:
-        pass
-    else:
-        if not store:
-            store.append(output)
-    value = store[0]
-    return getattr(value, "value", value)  # a toolkit may hand over a wrapped tensor
-
-
 def _float_weights(
     model: nn.Module, handles: list[QuantizerHandle], x: torch.Tensor, point: str | None
 ) -> list[torch.Tensor]:
@@ -113,8 +81,8 @@ def _float_weights(
         handle.override(lambda w, i=i: seen.setdefault(i, w)) for i, handle in enumerate(handles)
     ]
     try:
-        with torch.no_grad(), _capture_at(model, point) as store:
-            _run_to(model, x[:1], store)
+        with torch.no_grad(), capture_at(model, point) as store:
+            run_to(model, x[:1], store)
     finally:
         for remover in removers:
             remover.remove()
@@ -122,6 +90,30 @@ def _float_weights(
     if missing:
         raise ZSQError(f"weight quantizers of {missing} did not run before the block's output")
     return [seen[i] for i in range(len(handles))]
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """The toolkit's own parameters are constants while a block learns: only the routine's
+    rounding and step variables receive gradients."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+
+
+@contextmanager
+def _prefix_without_autograd() -> Iterator[None]:
+    """Runs a step's forward with autograd off until the block's first quantizer switches it
+    on (every override does): the already-reconstructed prefix has nothing to learn, so it
+    builds no graph, which saves its memory and half of every step's time on deep blocks.
+    Leaving the context restores the caller's mode."""
+    with torch.no_grad():
+        yield
 
 
 def _beta(config: ReconstructionConfig, step: int) -> float | None:
@@ -177,6 +169,7 @@ def reconstruct_block(
 
     def activation(lsq: LSQActivation):
         def quantize(x: torch.Tensor) -> torch.Tensor:
+            torch.set_grad_enabled(True)
             q = lsq(x)
             if training["on"] and config.drop_probability > 0:  # QDrop
                 keep_float = torch.rand(x.shape, generator=generator) < config.drop_probability
@@ -185,10 +178,14 @@ def reconstruct_block(
 
         return quantize
 
-    removers = [
-        h.override(lambda _, r=r: r(hard=not training["on"]))
-        for h, r in zip(weight_handles, roundings, strict=True)
-    ]
+    def weight(rounding: AdaRoundWeight):
+        def quantize(_: torch.Tensor) -> torch.Tensor:
+            torch.set_grad_enabled(True)  # see _prefix_without_autograd
+            return rounding(hard=not training["on"])
+
+        return quantize
+
+    removers = [h.override(weight(r)) for h, r in zip(weight_handles, roundings, strict=True)]
     if config.learn_act_scales:
         removers += [h.override(activation(s)) for h, s in zip(act_handles, steps, strict=True)]
     groups = [{"params": [r.rounding for r in roundings], "lr": config.rounding_lr}]
@@ -201,11 +198,12 @@ def reconstruct_block(
     scale_params = [p for g in scale_groups for p in g["params"]]
     initial = final = math.nan
     try:
-        with _capture_at(model, point) as store:
+        with capture_at(model, point) as store, _frozen(model):
             for step in range(config.iterations):
                 index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
                 index = index.to(images.device)
-                output = _run_to(model, images[index], store)
+                with _prefix_without_autograd():
+                    output = run_to(model, images[index], store)
                 loss = (output - targets[index]).pow(2).flatten(1).sum(1).mean()
                 reconstruction = float(loss.detach())
                 beta = _beta(config, step)
@@ -228,8 +226,8 @@ def reconstruct_block(
         training["on"] = False
     probe = images[: config.batch_size]
     try:
-        with torch.no_grad(), _capture_at(model, point) as store:
-            routine_output = _run_to(model, probe, store).clone()  # hard rounding, no QDrop
+        with torch.no_grad(), capture_at(model, point) as store:
+            routine_output = run_to(model, probe, store).detach().clone()  # hard, no QDrop
     finally:
         for remover in removers:
             remover.remove()
@@ -240,9 +238,10 @@ def reconstruct_block(
         if config.learn_act_scales:
             for handle, lsq in zip(act_handles, steps, strict=True):
                 handle.set_scale(lsq.scale.detach().reshape(handle.scale().shape))
-        with _capture_at(model, point) as store:
-            native_output = _run_to(model, probe, store)
+        with capture_at(model, point) as store:
+            native_output = run_to(model, probe, store)
     fidelity = float((native_output - routine_output).abs().max())
+    hard = (native_output - targets[: len(probe)]).pow(2).flatten(1).sum(1).mean()
     return BlockReport(
         block.name,
         len(block.layers),
@@ -250,6 +249,7 @@ def reconstruct_block(
         final,
         round(time.perf_counter() - started, 3),
         fidelity,
+        float(hard),
     )
 
 
@@ -271,17 +271,20 @@ def reconstruct(
     blocks = find_blocks(folded, config.granularity)
     generator = torch.Generator().manual_seed(seed)
     quantized.model.eval()
-    reports = []
     started = time.perf_counter()
+    if config.init_act_ranges:
+        changed = clip_activations(quantized, images, seed=seed)
+        log.info("activation ranges initialized by MSE search: %d changed", len(changed))
+    reports = []
     with tqdm(
         total=config.iterations * len(blocks), desc="reconstruct", unit="step", disable=not progress
     ) as bar:
         for index, block in enumerate(blocks):
             point = _first_layer(blocks[index + 1]) if index + 1 < len(blocks) else None
-            with torch.no_grad(), _capture_at(folded, point) as store:
+            with torch.no_grad(), capture_at(folded, point) as store:
                 targets = torch.cat(
                     [
-                        _run_to(folded, images[i : i + 256], store).detach()
+                        run_to(folded, images[i : i + 256], store).detach()
                         for i in range(0, len(images), 256)
                     ]
                 )

@@ -1,0 +1,427 @@
+"""The adapter conformance template: checks every toolkit adapter must pass.
+
+An adapter for a new toolkit is correct when the core's algorithms (synthetic calibration,
+accurate activation clipping, adaptive BN, reconstruction) work through its quantizer handles
+exactly as the handles' contract says. Each check below builds the adapter's quantized model
+of a tiny BatchNorm network and asserts one part of that contract; ``check_adapter`` runs them
+all and says which failed and why:
+
+    from zsq_plugins.testing import check_adapter
+    failures = check_adapter(MyAdapter())   # {} when the adapter conforms
+
+or, in a pytest suite, one test per check::
+
+    @pytest.mark.parametrize("check", CHECKS, ids=lambda check: check.__name__)
+    def test_my_adapter_conforms(check):
+        run_check(check, MyAdapter())
+
+The built-in adapters run the same checks in tests/test_adapter_conformance.py.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zsq_plugins.adapter import Adapter, QuantizedModel, QuantizerHandle, QuantizerKind
+from zsq_plugins.capture import float_weight
+from zsq_plugins.quant.adaptive_bn import adapt_batchnorm, layer_moments
+from zsq_plugins.quant.clipping import clip_activations
+from zsq_plugins.quant.fakequant import fake_quantize
+from zsq_plugins.quant.fold import fold_batchnorm
+from zsq_plugins.reconstruction.config import ReconstructionConfig
+from zsq_plugins.reconstruction.routine import reconstruct
+from zsq_plugins.spec import QuantSpec
+from zsq_plugins.zoo._layers import Normalize
+
+
+class CheckSkipped(Exception):
+    """A check that cannot run here (an optional package is missing); not a failure."""
+
+
+class TinyConvNet(nn.Module):
+    """Conv-BN-ReLU x2 + linear on 1x8x8 inputs: small enough for any unit test."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class TinyReLU6Net(nn.Module):
+    """Conv-BN-ReLU6, a residual add and a linear head: the patterns adapters must handle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.normalize = Normalize((0.5,), (0.25,))
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU6()
+        )
+        self.body = nn.Sequential(
+            nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU6()
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(self.normalize(x))
+        x = x + self.body(x)
+        return self.fc(self.flatten(self.pool(x)))
+
+
+def tiny_model(kind: str) -> nn.Module:
+    """``relu6``: TinyReLU6Net; ``relu``: input normalization + TinyConvNet. BatchNorm
+    statistics are randomized so that folding them matters."""
+    torch.manual_seed(0)
+    if kind == "relu6":
+        model: nn.Module = TinyReLU6Net()
+    else:
+        model = nn.Sequential(Normalize((0.5,), (0.25,)), TinyConvNet())
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.running_mean.uniform_(-0.3, 0.3)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def quantize_tiny(
+    adapter: Adapter, model: nn.Module, spec: QuantSpec
+) -> tuple[QuantizedModel, list[torch.Tensor]]:
+    """The adapter's quantized model of ``model``, calibrated on two seeded batches of 16
+    random 1x8x8 images (returned too)."""
+    generator = torch.Generator().manual_seed(0)
+    data = [torch.rand(16, 1, 8, 8, generator=generator) for _ in range(2)]
+    return adapter.quantize(model, spec, data, data[0][:2]), data
+
+
+def unwrap(value: object) -> torch.Tensor:
+    """A quantizer module's output as a tensor (toolkits wrap it in tuples or QuantTensors)."""
+    if isinstance(value, tuple | list):
+        value = value[0]
+    return getattr(value, "value", value)  # type: ignore[return-value]
+
+
+def quantizer_io(handle: QuantizerHandle, run: Callable[[], None]) -> tuple[torch.Tensor, ...]:
+    """Input and output of the handle's quantizer module during ``run()``."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(_: nn.Module, args: tuple, output: object) -> None:
+        seen.setdefault("input", unwrap(args[0]).detach())
+        seen.setdefault("output", unwrap(output).detach())
+
+    hook = handle.module.register_forward_hook(record)
+    try:
+        run()
+    finally:
+        hook.remove()
+    if not seen:
+        raise AssertionError(f"the quantizer module of {handle!r} did not run as a module")
+    return seen["input"], seen["output"]
+
+
+def expected_output(handle: QuantizerHandle, x: torch.Tensor) -> torch.Tensor:
+    """What the handle's scale, zero point and grid say its quantizer makes of ``x``."""
+    per_channel = handle.axis is not None
+    scale, zero_point = handle.scale().flatten(), handle.zero_point().flatten().float()
+    return fake_quantize(
+        x,
+        scale if per_channel else scale[0],
+        zero_point if per_channel else zero_point[0],
+        handle.quant_min,
+        handle.quant_max,
+        axis=handle.axis,
+    )
+
+
+def _require(condition: object, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
+
+
+def _run(quantized: QuantizedModel, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            quantized.model(x)
+
+    return run
+
+
+def check_spec_is_honoured(adapter: Adapter) -> None:
+    """One weight quantizer per conv/linear at the spec's bits (first and last at 8), per
+    channel on axis 0; per-tensor activation quantizers, the model input's at 8 bits."""
+    for kind in ("relu", "relu6"):
+        model = tiny_model(kind)
+        quantized, _ = quantize_tiny(adapter, model, QuantSpec(weight_bits=3, act_bits=4))
+        folded = fold_batchnorm(model)
+        layers = [n for n, m in folded.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        weights = {h.layer: h.bits for h in quantized.weight_handles()}
+        _require(sorted(weights) == sorted(layers), f"weight handles {weights} for {layers}")
+        first, last = layers[0], layers[-1]
+        _require(weights[first] == 8 and weights[last] == 8, f"first/last not 8-bit: {weights}")
+        _require(
+            all(bits == 3 for layer, bits in weights.items() if layer not in (first, last)),
+            f"inner layers not at 3 bits: {weights}",
+        )
+        _require(all(h.axis == 0 for h in quantized.weight_handles()), "weights not per-channel")
+        acts = quantized.activation_handles()
+        _require(acts and all(h.axis is None for h in acts), "activations must be per-tensor")
+        _require({h.bits for h in acts} == {4, 8}, f"activation bits {[h.bits for h in acts]}")
+        normalize = next(n for n, m in model.named_modules() if isinstance(m, Normalize))
+        inputs = [h for h in acts if h.layer in ("input", normalize)]
+        _require(inputs and all(h.bits == 8 for h in inputs), "the model input must be 8-bit")
+
+
+def check_switched_off_equals_folded_fp32(adapter: Adapter) -> None:
+    """With every handle disabled the toolkit's model is the BN-folded FP32 model."""
+    for kind in ("relu", "relu6"):
+        model = tiny_model(kind)
+        quantized, data = quantize_tiny(adapter, model, QuantSpec(weight_bits=4, act_bits=4))
+        x = data[1]
+        with torch.no_grad():
+            expected = fold_batchnorm(model)(x)
+            _require((quantized.model(x) - expected).abs().max() > 1e-4, "quantization is off")
+            for handle in quantized.handles:
+                handle.set_enabled(False)
+                _require(not handle.enabled, f"{handle!r} still enabled after set_enabled(False)")
+            torch.testing.assert_close(quantized.model(x), expected, rtol=1e-5, atol=1e-5)
+            for handle in quantized.handles:
+                handle.set_enabled(True)
+            _require((quantized.model(x) - expected).abs().max() > 1e-4, "re-enabling failed")
+
+
+def check_handles_describe_the_quantizers(adapter: Adapter) -> None:
+    """Each kind's 4-bit quantizer computes what its handle's scale, zero point and grid
+    say, before and after ``set_scale``."""
+    quantized, data = quantize_tiny(adapter, tiny_model("relu"), QuantSpec.parse("W4A4"))
+    for kind in (QuantizerKind.ACTIVATION, QuantizerKind.WEIGHT):
+        handle = next(h for h in quantized.handles if h.kind is kind and h.bits == 4)
+        x, y = quantizer_io(handle, _run(quantized, data[1]))
+        torch.testing.assert_close(y, expected_output(handle, x), rtol=1e-5, atol=1e-6)
+        new_scale = handle.scale() * 1.7
+        handle.set_scale(new_scale)
+        torch.testing.assert_close(handle.scale(), new_scale)
+        x2, y2 = quantizer_io(handle, _run(quantized, data[1]))
+        torch.testing.assert_close(y2, expected_output(handle, x2), rtol=1e-5, atol=1e-6)
+        _require(not torch.allclose(y2, y), f"set_scale did not change {handle!r}'s output")
+
+
+def check_onnx_export(adapter: Adapter) -> None:
+    """The exported QDQ ONNX runs in onnxruntime and matches the toolkit's model (skipped for
+    an adapter whose ``export_onnx`` raises NotImplementedError)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise CheckSkipped("onnxruntime is not installed") from None
+    for label in ("W8A8", "W4A4"):
+        quantized, data = quantize_tiny(adapter, tiny_model("relu6"), QuantSpec.parse(label))
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                path = adapter.export_onnx(quantized, Path(folder) / "model.onnx", data[0][:2])
+            except NotImplementedError as reason:
+                raise CheckSkipped(f"the adapter does not export ONNX: {reason}") from None
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            x = data[1]
+            (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            expected = unwrap(quantized.model(x))
+        # Float accumulation differs between runtimes, so a value may round to the
+        # neighbouring level of a quantizer now and then: allow a few percent of the range.
+        tolerance = 0.03 * float(expected.abs().max())
+        torch.testing.assert_close(torch.from_numpy(got), expected, atol=tolerance, rtol=0)
+        agreement = (torch.from_numpy(got).argmax(1) == expected.argmax(1)).float().mean()
+        _require(agreement >= 0.9, f"{label}: ONNX top-1 agrees on {agreement:.0%} only")
+
+
+def check_identity_overrides_give_fp32_back(adapter: Adapter) -> None:
+    """Overriding every quantizer by the identity gives the folded FP32 model; removing the
+    overrides restores the quantized model."""
+    model = tiny_model("relu6")
+    quantized, data = quantize_tiny(adapter, model, QuantSpec.parse("W4A4"))
+    x = data[1]
+    with torch.no_grad():
+        before = quantized.model(x)
+        removers = [handle.override(lambda value: value) for handle in quantized.handles]
+        try:
+            expected = fold_batchnorm(model)(x)
+            torch.testing.assert_close(quantized.model(x), expected, rtol=1e-5, atol=1e-5)
+        finally:
+            for remover in removers:
+                remover.remove()
+        torch.testing.assert_close(quantized.model(x), before)
+
+
+def check_gradients_reach_overrides(adapter: Adapter) -> None:
+    """Gradients flow into the functions that override a weight and an activation
+    quantizer (what learned rounding and step sizes need)."""
+    quantized, data = quantize_tiny(adapter, tiny_model("relu"), QuantSpec.parse("W4A4"))
+    weight = next(h for h in quantized.weight_handles() if h.bits == 4)
+    act = next(h for h in quantized.activation_handles() if h.bits == 4)
+    delta = torch.zeros((), requires_grad=True)
+    gain = torch.ones((), requires_grad=True)
+    removers = [weight.override(lambda w: w + delta), act.override(lambda x: x * gain)]
+    try:
+        quantized.model(data[1]).pow(2).sum().backward()
+    finally:
+        for remover in removers:
+            remover.remove()
+    _require(delta.grad is not None and delta.grad.abs() > 0, "no gradient through a weight")
+    _require(gain.grad is not None and gain.grad.abs() > 0, "no gradient through an activation")
+
+
+def check_override_acts_only_while_enabled(adapter: Adapter) -> None:
+    """A disabled quantizer ignores its override."""
+    quantized, data = quantize_tiny(adapter, tiny_model("relu"), QuantSpec.parse("W4A4"))
+    handle = next(h for h in quantized.activation_handles() if h.bits == 4)
+    handle.set_enabled(False)
+    with torch.no_grad():
+        off = quantized.model(data[1])
+        remover = handle.override(lambda x: x * 0)
+        try:
+            torch.testing.assert_close(quantized.model(data[1]), off)
+        finally:
+            remover.remove()
+
+
+def check_accurate_activation_clipping(adapter: Adapter) -> None:
+    """AAC's ranges land on the toolkit's own quantizers, which then compute with them."""
+    quantized, data = quantize_tiny(adapter, tiny_model("relu6"), QuantSpec.parse("W4A3"))
+    images = torch.cat(data)
+    kept = {h.layer: h.scale().clone() for h in quantized.activation_handles()}
+    results = clip_activations(quantized, images)
+    _require(results and all(r.mse_after < r.mse_before for r in results), f"{results}")
+    _require(
+        any(r.mse_after < 0.9 * r.mse_before for r in results),
+        "3-bit min-max ranges should leave room for a better clip",
+    )
+    changed = {r.layer: r for r in results}
+    for handle in quantized.activation_handles():
+        if handle.layer in changed:
+            scale = handle.scale().flatten()[0].item()
+            torch.testing.assert_close(scale, changed[handle.layer].new_scale, rtol=1e-5, atol=0)
+        else:
+            torch.testing.assert_close(handle.scale(), kept[handle.layer])
+    for handle in quantized.activation_handles():  # the toolkit's own kernels use the range
+        x, y = quantizer_io(handle, _run(quantized, data[1]))
+        torch.testing.assert_close(y, expected_output(handle, x), rtol=1e-5, atol=1e-6)
+
+
+def weight_levels(quantized: QuantizedModel, handle: QuantizerHandle, probe: torch.Tensor):
+    """The integer levels of ``handle``'s layer weight on its grid."""
+    weight = float_weight(quantized.model, handle, probe).detach()
+    scale, zero_point = handle.scale(), handle.zero_point()
+    if handle.axis is not None:
+        shape = [1] * weight.dim()
+        shape[handle.axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    levels = torch.round(weight / scale) + zero_point
+    return torch.clamp(levels, handle.quant_min, handle.quant_max)
+
+
+def check_adaptive_bn(adapter: Adapter) -> None:
+    """After adaptive BN every layer of the toolkit's model has the FP channel statistics,
+    the same integer levels, and its logits' means move toward FP32."""
+    model = tiny_model("relu6")
+    quantized, data = quantize_tiny(adapter, model, QuantSpec(weight_bits=3, act_bits=4))
+    images = torch.cat(data)
+    probe = images[:1]
+    levels = {h.layer: weight_levels(quantized, h, probe) for h in quantized.weight_handles()}
+    folded = fold_batchnorm(model)
+    with torch.no_grad():
+        fp_logits = folded(images)
+        gap_before = (unwrap(quantized.model(images)).mean(0) - fp_logits.mean(0)).abs().max()
+    corrections = adapt_batchnorm(quantized, model, images, max_scale_change=10)
+    order = [c.layer for c in corrections]
+    _require(order == ["stem.0", "body.0", "fc"], f"layers corrected in order {order}")
+    _require(max(c.mean_gap_before for c in corrections) > 0.05, "3-bit weights shift means")
+    for handle in quantized.weight_handles():  # measured again in the toolkit's model
+        (mean_q, std_q), (mean_fp, std_fp) = layer_moments(quantized, folded, handle, images)
+        bias = quantized.model.get_submodule(handle.layer).bias.detach().double()
+        torch.testing.assert_close(mean_q + bias, mean_fp, atol=1e-4, rtol=1e-4)
+        if handle.axis is not None:
+            torch.testing.assert_close(std_q, std_fp, atol=1e-4, rtol=1e-4)
+        _require(
+            torch.equal(weight_levels(quantized, handle, probe), levels[handle.layer]),
+            f"adaptive BN changed integer levels of {handle.layer!r}",
+        )
+    with torch.no_grad():
+        gap_after = (unwrap(quantized.model(images)).mean(0) - fp_logits.mean(0)).abs().max()
+    _require(gap_after < 0.5 * gap_before, f"logit mean gap {gap_before:.4f} -> {gap_after:.4f}")
+
+
+def check_reconstruction_lands_on_the_grid(adapter: Adapter) -> None:
+    """The shared reconstruction routine runs on the toolkit's model: afterwards the model
+    reproduces the routine's block outputs (fidelity <= 1e-5) and every weight sits on its
+    quantizer's grid."""
+    model = tiny_model("relu6")
+    quantized, data = quantize_tiny(adapter, model, QuantSpec.parse("W3A4"))
+    images = torch.cat(data)
+    config = ReconstructionConfig(iterations=30, batch_size=16, drop_probability=0.5)
+    report = reconstruct(quantized, model, images, config, progress=False)
+    _require([b.name for b in report.blocks] == ["stem.0", "body.0", "fc"], f"{report.blocks}")
+    for block in report.blocks:
+        _require(block.fidelity <= 1e-5, f"block {block.name}: fidelity {block.fidelity}")
+    for handle in quantized.weight_handles():
+        weight = float_weight(quantized.model, handle, images[:1]).detach()
+        levels = weight_levels(quantized, handle, images[:1])
+        scale = handle.scale().reshape([-1] + [1] * (weight.dim() - 1))
+        zero_point = handle.zero_point().reshape(scale.shape)
+        torch.testing.assert_close(weight, (levels - zero_point) * scale, atol=1e-6, rtol=1e-5)
+
+
+CHECKS: tuple[Callable[[Adapter], None], ...] = (
+    check_spec_is_honoured,
+    check_switched_off_equals_folded_fp32,
+    check_handles_describe_the_quantizers,
+    check_onnx_export,
+    check_identity_overrides_give_fp32_back,
+    check_gradients_reach_overrides,
+    check_override_acts_only_while_enabled,
+    check_accurate_activation_clipping,
+    check_adaptive_bn,
+    check_reconstruction_lands_on_the_grid,
+)
+"""Every conformance check, in the order ``check_adapter`` runs them."""
+
+
+def run_check(check: Callable[[Adapter], None], adapter: Adapter) -> None:
+    """Runs one check; in pytest, a CheckSkipped becomes a skip."""
+    try:
+        check(adapter)
+    except CheckSkipped as reason:
+        import pytest
+
+        pytest.skip(str(reason))
+
+
+def check_adapter(
+    adapter: Adapter, checks: tuple[Callable[[Adapter], None], ...] = CHECKS
+) -> dict[str, str]:
+    """Runs every check on ``adapter``; returns ``{check name: why it failed}`` for the ones
+    that failed (empty when the adapter conforms). Skipped checks are not failures."""
+    failures = {}
+    for check in checks:
+        try:
+            check(adapter)
+        except CheckSkipped:
+            continue
+        except Exception as error:  # a check's failure, reported with its kind and message
+            failures[check.__name__] = f"{type(error).__name__}: {error}"
+    return failures
