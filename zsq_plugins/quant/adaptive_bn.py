@@ -206,6 +206,13 @@ def adapt_batchnorm(
     folded = fold_batchnorm(fp_model).to(device).eval()
     quantized.model.eval()
     handles = {h.layer: h for h in quantized.weight_handles()}
+    known = dict(folded.named_modules())
+    unknown = sorted(name for name in handles if name not in known)
+    if unknown:
+        raise ZSQError(
+            f"weight handles {unknown} name no module of the FP model: an adapter must name "
+            "each weight quantizer after the FP model's conv/linear module"
+        )
     corrections = []
     for name in _execution_order(folded, list(handles), images[:1]):
         handle = handles[name]
