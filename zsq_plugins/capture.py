@@ -56,22 +56,33 @@ def run_to(model: nn.Module, x: torch.Tensor, store: list[torch.Tensor]) -> torc
     return getattr(value, "value", value)  # a toolkit may hand over a wrapped tensor
 
 
-def float_weight(model: nn.Module, handle: QuantizerHandle, probe: torch.Tensor) -> torch.Tensor:
-    """The float weight that ``model`` (a toolkit's quantized model) feeds to the weight
-    quantizer ``handle``, found by running ``probe`` through it: the toolkit's own tensor,
-    so writing into it in place changes the layer."""
-    seen: list[torch.Tensor] = []
-
-    def record(weight: torch.Tensor) -> torch.Tensor:
-        seen.append(weight)
-        return weight
-
-    remover = handle.override(record)
+def float_weights(
+    model: nn.Module,
+    handles: list[QuantizerHandle],
+    probe: torch.Tensor,
+    point: str | None = None,
+) -> list[torch.Tensor]:
+    """The float weight that ``model`` (a toolkit's quantized model) feeds to each weight
+    quantizer in ``handles``, found by running the first image of ``probe`` up to ``point``
+    (see ``capture_at``; None: the whole model). These are the toolkit's own tensors, so
+    writing into them in place changes the layers."""
+    seen: dict[int, torch.Tensor] = {}
+    removers = [
+        handle.override(lambda w, i=i: seen.setdefault(i, w)) for i, handle in enumerate(handles)
+    ]
     try:
-        with torch.no_grad(), capture_at(model, None) as store:
-            run_to(model, probe, store)
+        with torch.no_grad(), capture_at(model, point) as store:
+            run_to(model, probe[:1], store)
     finally:
-        remover.remove()
-    if not seen:
-        raise ZSQError(f"the weight quantizer of {handle.layer!r} did not run")
-    return seen[0]
+        for remover in removers:
+            remover.remove()
+    missing = [h.layer for i, h in enumerate(handles) if i not in seen]
+    if missing:
+        where = f"before {point!r}" if point is not None else "in a forward pass"
+        raise ZSQError(f"the weight quantizers of {missing} did not run {where}")
+    return [seen[i] for i in range(len(handles))]
+
+
+def float_weight(model: nn.Module, handle: QuantizerHandle, probe: torch.Tensor) -> torch.Tensor:
+    """``float_weights`` for one handle, over the whole model."""
+    return float_weights(model, [handle], probe)[0]

@@ -28,9 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from zsq_plugins.adapter import QuantizedModel, QuantizerHandle
-from zsq_plugins.capture import capture_at, run_to
-from zsq_plugins.errors import ZSQError
+from zsq_plugins.adapter import QuantizedModel
+from zsq_plugins.capture import capture_at, float_weights, run_to
 from zsq_plugins.quant.clipping import clip_activations
 from zsq_plugins.quant.fold import fold_batchnorm
 from zsq_plugins.reconstruction.blocks import Block, find_blocks
@@ -70,26 +69,6 @@ class ReconstructionReport:
 
 def _first_layer(block: Block) -> str | None:
     return block.layers[0] if block.layers else None
-
-
-def _float_weights(
-    model: nn.Module, handles: list[QuantizerHandle], x: torch.Tensor, point: str | None
-) -> list[torch.Tensor]:
-    """The float weight each weight quantizer receives (the tensor the toolkit quantizes)."""
-    seen: dict[int, torch.Tensor] = {}
-    removers = [
-        handle.override(lambda w, i=i: seen.setdefault(i, w)) for i, handle in enumerate(handles)
-    ]
-    try:
-        with torch.no_grad(), capture_at(model, point) as store:
-            run_to(model, x[:1], store)
-    finally:
-        for remover in removers:
-            remover.remove()
-    missing = [h.layer for i, h in enumerate(handles) if i not in seen]
-    if missing:
-        raise ZSQError(f"weight quantizers of {missing} did not run before the block's output")
-    return [seen[i] for i in range(len(handles))]
 
 
 @contextmanager
@@ -140,7 +119,7 @@ def reconstruct_block(
     weight_handles = [h for h in quantized.weight_handles() if h.layer in block.layers]
     act_handles = [h for h in quantized.activation_handles() if h.layer in names and h.enabled]
     started = time.perf_counter()
-    floats = _float_weights(model, weight_handles, images, point)
+    floats = float_weights(model, weight_handles, images, point)
     learn_scale = config.weight_scale_lr > 0
     roundings = [
         AdaRoundWeight(
