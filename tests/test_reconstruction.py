@@ -55,3 +55,61 @@ def test_layer_granularity_reconstructs_each_layer():
     config = FAST.replace(granularity="layer", iterations=20, learn_act_scales=False)
     report = reconstruct(quantized, model, torch.cat(data), config, progress=False)
     assert len(report.blocks) == len(quantized.weight_handles())
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_cached_block_inputs_change_no_result(name):
+    """Replaying cached block inputs (in RAM or in a memory-mapped file) runs every block of
+    each toolkit's model, residual skip included, on the values a full forward pass gives."""
+    model = tiny_model("relu6")
+    config = FAST.replace(iterations=30)
+    outputs, reports = {}, {}
+    for cache in ("off", "memory", "disk"):
+        torch.manual_seed(0)
+        quantized, data = quantize(name, model, QuantSpec.parse("W4A4"))
+        x = torch.cat(data)
+        reports[cache] = reconstruct(
+            quantized, model, x, config.replace(block_inputs=cache), progress=False
+        )
+        with torch.no_grad():
+            outputs[cache] = quantized.model(x)
+    assert not any(b.cached_inputs for b in reports["off"].blocks)
+    for cache in ("memory", "disk"):
+        # the stem may learn the quantizer of its own input, which rules a cache out
+        assert all(b.cached_inputs for b in reports[cache].blocks[1:]), reports[cache].blocks
+        losses = [b.final_loss for b in reports[cache].blocks]
+        assert losses == pytest.approx([b.final_loss for b in reports["off"].blocks], rel=1e-4)
+        assert torch.allclose(outputs[cache], outputs["off"], atol=1e-5)
+
+
+class _ReadsInputEarly(torch.nn.Module):
+    """Reads the block's input before the block's first layer runs: a replay cannot swap
+    that read, so the runner must notice and recompute the prefix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 2, 3, padding=1)
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        skip = x * 2
+        return self.conv(x) + skip
+
+
+def test_block_runner_replays_only_when_it_matches_a_full_pass():
+    from zsq_plugins.reconstruction.block_inputs import BlockRunner
+
+    images = torch.randn(20, 1, 6, 6)
+    index = torch.tensor([3, 7, 19, 0])
+    early = _ReadsInputEarly().eval()
+    runner = BlockRunner(early, "conv", None, images, batch_size=8)
+    assert not runner.replays
+    with torch.no_grad():
+        assert torch.allclose(runner(index), early(images[index]))
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Conv2d(2, 3, 1))
+    runner = BlockRunner(plain.eval(), "2", None, images, batch_size=8, cache="disk")
+    assert runner.replays
+    with torch.no_grad():
+        assert torch.allclose(runner(index), plain(images[index]))
+    runner.close()

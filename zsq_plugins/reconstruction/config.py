@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from zsq_plugins.configio import checked_replace, to_json_dict
+from zsq_plugins.reconstruction.block_inputs import BlockInputCache
 from zsq_plugins.reconstruction.blocks import Granularity
 
 
@@ -52,8 +53,19 @@ class ReconstructionConfig:
     (zsq_plugins.quant.clipping) instead of the toolkit's calibrated range, as BRECQ and
     QDrop initialize activation steps by an MSE search; a toolkit's min-max range at 4 bits
     is far from it, and learned steps move too little in a short budget to make up for it."""
+    block_inputs: BlockInputCache = BlockInputCache.MEMORY
+    """Where the quantized prefix's output (the block's input) is kept while a block learns:
+    ``memory``, ``disk`` (a memory-mapped temporary file) or ``off`` (the prefix runs on every
+    step, as a plain BRECQ loop does). Caching changes no result, only time and memory:
+    BRECQ's and QDrop's code cache block inputs the same way."""
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "block_inputs", BlockInputCache(self.block_inputs))
+        except ValueError:
+            raise ValueError(
+                f"block_inputs must be 'memory', 'disk' or 'off', got {self.block_inputs!r}"
+            ) from None
         try:
             object.__setattr__(self, "granularity", Granularity(self.granularity))
         except ValueError:

@@ -7,12 +7,14 @@ For each block (blocks.py), in order:
    step for Genie-M), its activation quantizers by LSQ learned steps, with QDrop's random
    dropping of activation quantization while learning;
 3. minibatches run through the *toolkit's* model, stopped right after the block's output point
-   (the prefix is the already-reconstructed quantized model, as in BRECQ), and the rounding
-   and steps minimize the reconstruction error plus AdaRound's annealed regularizer;
+   (the prefix is the already-reconstructed quantized model, as in BRECQ; its output is
+   computed once per image and replayed, see block_inputs.py), and the rounding and steps
+   minimize the reconstruction error plus AdaRound's annealed regularizer;
 4. results are written back on the toolkit's grid: each weight becomes its hard-rounded value
    (on the grid, so the toolkit's own rounding reproduces it), each learned step is set
    through its handle, and the overrides are removed.
-Memory follows the block: only the current block's targets are held.
+Memory follows the block: only the current block's inputs and targets are held (the inputs
+optionally on disk).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from zsq_plugins.adapter import QuantizedModel
 from zsq_plugins.capture import capture_at, float_weights, run_to
 from zsq_plugins.quant.clipping import clip_activations
 from zsq_plugins.quant.fold import fold_batchnorm
+from zsq_plugins.reconstruction.block_inputs import BlockInputCache, BlockRunner
 from zsq_plugins.reconstruction.blocks import Block, find_blocks
 from zsq_plugins.reconstruction.config import ReconstructionConfig
 from zsq_plugins.reconstruction.rounding import AdaRoundWeight, LSQActivation
@@ -51,6 +54,9 @@ class BlockReport:
     hard_loss: float = math.nan
     """The reconstruction loss of the written-back block (hard rounding, no QDrop) on the
     first batch: compared with ``final_loss`` (soft rounding), the cost of rounding."""
+    cached_inputs: bool = False
+    """Whether the steps ran the block on cached inputs (see block_inputs.py) rather than
+    recomputing the prefix."""
 
 
 @dataclasses.dataclass
@@ -120,6 +126,16 @@ def reconstruct_block(
     act_handles = [h for h in quantized.activation_handles() if h.layer in names and h.enabled]
     started = time.perf_counter()
     floats = float_weights(model, weight_handles, images, point)
+    first = _first_layer(block)
+    runner = BlockRunner(
+        model,
+        first or "",
+        point,
+        images,
+        config.batch_size,
+        config.block_inputs if first is not None else BlockInputCache.OFF,
+        block_quantizers=[h.module for h in weight_handles + act_handles],
+    )
     learn_scale = config.weight_scale_lr > 0
     roundings = [
         AdaRoundWeight(
@@ -177,12 +193,12 @@ def reconstruct_block(
     scale_params = [p for g in scale_groups for p in g["params"]]
     initial = final = math.nan
     try:
-        with capture_at(model, point) as store, _frozen(model):
+        with _frozen(model):
             for step in range(config.iterations):
                 index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
                 index = index.to(images.device)
                 with _prefix_without_autograd():
-                    output = run_to(model, images[index], store)
+                    output = runner(index)
                 loss = (output - targets[index]).pow(2).flatten(1).sum(1).mean()
                 reconstruction = float(loss.detach())
                 beta = _beta(config, step)
@@ -203,6 +219,8 @@ def reconstruct_block(
                     bar.set_postfix(block=block.name, loss=f"{reconstruction:.4g}", refresh=False)
     finally:
         training["on"] = False
+        cached_inputs = runner.replays
+        runner.close()
     probe = images[: config.batch_size]
     try:
         with torch.no_grad(), capture_at(model, point) as store:
@@ -229,6 +247,7 @@ def reconstruct_block(
         round(time.perf_counter() - started, 3),
         fidelity,
         float(hard),
+        cached_inputs,
     )
 
 

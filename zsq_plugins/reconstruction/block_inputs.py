@@ -1,0 +1,168 @@
+"""Running one block of a toolkit's quantized model on cached block inputs.
+
+While a block learns, everything before it is fixed, so the value that enters the block is a
+function of the image alone. Recomputing that prefix on every step costs more than the block
+itself on deep blocks (the last block of ResNet-20 runs the whole network for one linear
+layer). ``BlockRunner`` computes the block's input once per calibration image, then on every
+step runs the toolkit's model on a single image, and at the block's first layer swaps that
+one-image tensor, in place, for the cached batch. Swapping the tensor object itself (not the
+argument) matters: a residual block reads the same tensor through its skip connection.
+
+A model's Python code may still read the prefix in ways the swap cannot reach (a layer of the
+block that runs before its first layer, a reshape that hard-codes the batch), and a quantizer
+the block learns may run before its first layer (a toolkit that quantizes a normalization in
+front of the stem), which would make the cached value stale. The runner checks both once, by
+watching the block's quantizers while it caches and by comparing the replay with a full
+forward pass on one batch, and otherwise runs the prefix on every step: a model is never
+reconstructed on wrong inputs.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zsq_plugins.capture import capture_at, run_to
+
+log = logging.getLogger(__name__)
+
+
+class BlockInputCache(str, enum.Enum):
+    MEMORY = "memory"
+    """Block inputs of every calibration image held in RAM."""
+    DISK = "disk"
+    """Block inputs in a memory-mapped temporary file: RAM holds one batch at a time."""
+    OFF = "off"
+    """No cache: the prefix runs on every step (least memory, slowest)."""
+
+
+def _values(tensor: torch.Tensor) -> torch.Tensor:
+    return getattr(tensor, "value", tensor)  # a toolkit may hand over a wrapped tensor
+
+
+def _mapped_tensor(
+    shape: tuple[int, ...], dtype: torch.dtype, directory: Path | None
+) -> torch.Tensor:
+    """A zero-filled tensor backed by a memory-mapped file that is unlinked at once: the
+    kernel pages it out as needed and nothing is left behind, even by a killed process."""
+    handle, name = tempfile.mkstemp(prefix="zsq-block-inputs-", suffix=".bin", dir=directory)
+    try:
+        numel = int(torch.Size(shape).numel())
+        os.ftruncate(handle, numel * torch.empty((), dtype=dtype).element_size())
+        return torch.from_file(name, shared=True, size=numel, dtype=dtype).view(shape)
+    finally:
+        os.close(handle)
+        os.unlink(name)
+
+
+class BlockRunner:
+    """Runs the toolkit's ``model`` on images ``index`` up to ``point`` (None: the output),
+    through the block that starts at ``first_layer``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        first_layer: str,
+        point: str | None,
+        images: torch.Tensor,
+        batch_size: int,
+        cache: BlockInputCache | str = BlockInputCache.MEMORY,
+        cache_dir: Path | None = None,
+        block_quantizers: Sequence[nn.Module] = (),
+    ) -> None:
+        self.model, self.first_layer, self.point = model, first_layer, point
+        self.images = images
+        self.cache = BlockInputCache(cache)
+        self.inputs: torch.Tensor | None = None
+        if self.cache is not BlockInputCache.OFF:
+            if self._learned_before_first_layer(block_quantizers):
+                log.info("block at %r learns a quantizer of its input: no cache", first_layer)
+                return
+            self.inputs = self._cache_inputs(batch_size, cache_dir)
+            if not self._replay_matches(batch_size):
+                log.warning(
+                    "block at %r: replaying cached inputs differs from a full forward pass; "
+                    "running the prefix on every step instead",
+                    first_layer,
+                )
+                self.close()
+
+    @property
+    def replays(self) -> bool:
+        """Whether steps run on cached inputs (False: the prefix runs every time)."""
+        return self.inputs is not None
+
+    def __call__(self, index: torch.Tensor) -> torch.Tensor:
+        if self.inputs is None:
+            with capture_at(self.model, self.point) as store:
+                return run_to(self.model, self.images[index], store)
+        batch = self.inputs[index.cpu()].to(self.images.device)
+        with capture_at(self.model, self.point) as store, self._swap_in(batch):
+            return run_to(self.model, self.images[index[:1]], store)
+
+    def close(self) -> None:
+        """Releases the cache (a disk cache's file is already unlinked; this unmaps it)."""
+        self.inputs = None
+
+    def _learned_before_first_layer(self, quantizers: Sequence[nn.Module]) -> bool:
+        ran: list[bool] = []
+        hooks = [q.register_forward_hook(lambda *_: ran.append(True)) for q in quantizers]
+        try:
+            with torch.no_grad(), capture_at(self.model, self.first_layer) as store:
+                run_to(self.model, self.images[:1], store)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return bool(ran)
+
+    def _cache_inputs(self, batch_size: int, cache_dir: Path | None) -> torch.Tensor:
+        # Chunks of the training batch size, so that the check in _replay_matches compares
+        # the block on bit-identical inputs (a kernel's result may depend on the batch size).
+        chunks = range(0, len(self.images), batch_size)
+        with torch.no_grad(), capture_at(self.model, self.first_layer) as store:
+            first = _values(run_to(self.model, self.images[:batch_size], store)).detach()
+            shape = (len(self.images), *first.shape[1:])
+            if self.cache is BlockInputCache.DISK:
+                inputs = _mapped_tensor(shape, first.dtype, cache_dir)
+            else:
+                inputs = torch.empty(shape, dtype=first.dtype)
+            inputs[: len(first)] = first.cpu()
+            for start in chunks[1:]:
+                value = _values(run_to(self.model, self.images[start : start + batch_size], store))
+                inputs[start : start + len(value)] = value.detach().cpu()
+        return inputs
+
+    def _replay_matches(self, batch_size: int) -> bool:
+        index = torch.arange(min(batch_size, len(self.images)), device=self.images.device)
+        with torch.no_grad():
+            with capture_at(self.model, self.point) as store:
+                exact = run_to(self.model, self.images[index], store).detach().clone()
+            try:
+                replayed = self(index)
+            except RuntimeError as error:  # e.g. a swapped tensor that is a view
+                log.info("replay failed at %r: %s", self.first_layer, error)
+                return False
+        return replayed.shape == exact.shape and torch.allclose(
+            replayed, exact, rtol=1e-5, atol=1e-6
+        )
+
+    @contextmanager
+    def _swap_in(self, batch: torch.Tensor) -> Iterator[None]:
+        def swap(_: nn.Module, args: tuple) -> None:
+            value = _values(args[0])
+            with torch.no_grad():
+                value.set_(batch.to(value.dtype))
+
+        hook = self.model.get_submodule(self.first_layer).register_forward_pre_hook(swap)
+        try:
+            yield
+        finally:
+            hook.remove()
