@@ -122,6 +122,35 @@ def test_grid_resumes_and_refuses_another_protocol(tmp_path, monkeypatch):
         run_grid(small(num_samples=64), tmp_path, progress=False, plots=False)
 
 
+def test_adversarial_data_are_made_per_toolkit_and_spec(tmp_path, monkeypatch):
+    fetched = []
+
+    def fake_images(model, source, config, data_dir, progress, cell=None):
+        fetched.append((source, cell.toolkit, cell.spec))
+
+    def fake_cell(cell, config, images, test, progress, fp32):
+        return {**cell.__dict__, "top1": 90.0, "fp32_top1": 93.0, "num_test": 200, "timings_s": {}}
+
+    monkeypatch.setattr(compare, "run_cell", fake_cell)
+    monkeypatch.setattr(compare, "calibration_images", fake_images)
+    monkeypatch.setattr(compare, "evaluation_data", lambda *a, **k: None)
+    monkeypatch.setattr(compare, "fp32_top1", lambda *a, **k: 93.0)
+    toolkits = [t for t in ("fx", "brevitas") if t in installed_adapters()]
+    config = small(
+        data=["noise", "adversarial"], toolkits=toolkits, reconstruct=["none", "adaround"]
+    )
+    assert not compare.plays_toolkit("noise", config) and compare.plays_toolkit(
+        "adversarial", config
+    )
+    run_grid(config, tmp_path, progress=False, plots=False)
+    noise = [f for f in fetched if f[0] == "noise"]
+    adversarial = [f for f in fetched if f[0] == "adversarial"]
+    assert len(noise) == 1  # one set for the model, shared by every cell
+    assert sorted(adversarial) == sorted(  # one set per toolkit and spec, none per method
+        ("adversarial", t, s) for t in toolkits for s in config.specs
+    )
+
+
 def test_uninstalled_toolkit_is_named_before_any_work(tmp_path):
     with pytest.raises(ZSQError, match=r"'tensorrt'.*not installed"):
         run_grid(small(toolkits=["tensorrt"]), tmp_path, progress=False)

@@ -28,7 +28,7 @@ from zsq_plugins.synthesis.diagnostics import bn_statistics_loss
 from zsq_plugins.zoo._layers import Normalize
 
 FAST = {"iterations": 12, "batch_size": 6}
-PRESETS = ["noise", "zeroq", "dsg", "genie"]
+PRESETS = ["noise", "zeroq", "dsg", "genie", "weight-stats"]
 
 
 @pytest.fixture
@@ -42,14 +42,17 @@ def run(model, preset, n=10, seed=0, **kwargs):
 
 
 def test_presets_are_registered_with_both_budgets():
-    assert GENERATORS.names() == ["dsg", "genie", "noise", "zeroq"]
+    assert GENERATORS.names() == [
+        "adversarial", "dsg", "genie", "noise", "weight-stats", "zeroq"
+    ]  # fmt: skip
     for name in PRESETS:
         preset = get_preset(name)
         assert preset.config("cpu").iterations <= preset.config("paper").iterations
     assert get_preset("genie").config("paper").iterations == 4000
     with pytest.raises(ValueError, match="budget"):
         get_preset("genie").config("gpu")
-    with pytest.raises(UnknownPluginError, match="available: dsg, genie, noise, zeroq"):
+    available = "available: adversarial, dsg, genie, noise, weight-stats, zeroq"
+    with pytest.raises(UnknownPluginError, match=available):
         get_preset("deepinversion")
 
 

@@ -13,13 +13,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from zsq_plugins.adapter import ADAPTERS, QuantizedModel, get_adapter, installed_adapters
+from zsq_plugins.configio import Budget
 from zsq_plugins.errors import UnknownPluginError
 from zsq_plugins.quant.adaptive_bn import BNCorrection, adapt_batchnorm
 from zsq_plugins.quant.clipping import ClipResult, clip_activations
 from zsq_plugins.reconstruction import RECONSTRUCTIONS, ReconstructionReport
 from zsq_plugins.reconstruction import reconstruct as run_reconstruction
 from zsq_plugins.spec import QuantSpec
+from zsq_plugins.synthesis.adversarial import adversarial_synthesize
 from zsq_plugins.synthesis.api import calibration_loader, synthesize
+from zsq_plugins.synthesis.presets import get_preset
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +71,19 @@ def _calibration_batches(
     num_samples: int,
     seed: int,
     synthesis: dict[str, Any],
+    toolkit: str,
+    spec: QuantSpec,
 ) -> tuple[DataLoader, str, int]:
     if isinstance(data, DataLoader):
         return data, "DataLoader", len(data.dataset)  # type: ignore[arg-type]
     if isinstance(data, str):
-        dataset = synthesize(model, num_samples, data, seed, **synthesis)
+        budget = synthesis.get("budget", Budget.CPU)
+        if get_preset(data).config(budget).needs_opponent:  # ZAQ: plays this toolkit's model
+            dataset = adversarial_synthesize(
+                model, toolkit, spec, num_samples, data, seed, **synthesis
+            )
+        else:
+            dataset = synthesize(model, num_samples, data, seed, **synthesis)
         return calibration_loader(dataset, batch_size=DEFAULT_CALIBRATION_BATCH), data, len(dataset)
     if synthesis:
         raise TypeError(f"options {sorted(synthesis)} apply only when data is a preset name")
@@ -132,7 +143,9 @@ def apply(
     synthesis_options = {**synthesis}
     if isinstance(data, str):
         synthesis_options.update(cache_dir=cache_dir, progress=progress)
-    loader, source, count = _calibration_batches(model, data, num_samples, seed, synthesis_options)
+    loader, source, count = _calibration_batches(
+        model, data, num_samples, seed, synthesis_options, toolkit, spec
+    )
     data_ready = time.perf_counter()
     first = next(iter(loader))
     example_input = (first[0] if isinstance(first, tuple | list) else first)[:2]

@@ -222,13 +222,31 @@ def synthetic_set_folder(
     return root / model_name / f"{preset}-{budget}-n{num_samples}-seed{seed}-{digest}"
 
 
+def plays_toolkit(source: str, config: GridConfig) -> bool:
+    """Whether the data source is made against each toolkit's quantized model (ZAQ-style
+    ``adversarial``), so that its images belong to one (toolkit, spec) cell, not a model."""
+    if source == REAL:
+        return False
+    from zsq_plugins.synthesis.presets import get_preset
+
+    preset = get_preset(source).config(config.synthesis_budget).replace(**config.synthesis)
+    return preset.needs_opponent
+
+
 def calibration_images(
-    model_name: str, source: str, config: GridConfig, data_dir: Path, progress: bool
+    model_name: str,
+    source: str,
+    config: GridConfig,
+    data_dir: Path,
+    progress: bool,
+    cell: Cell | None = None,
 ) -> torch.Tensor:
     """Real training images, or a synthetic set (cached under ``data_dir``, shared by every
-    cell of the same model and preset)."""
+    cell of the same model and preset; an adversarial set by the cells of one toolkit and
+    spec, ``cell``'s)."""
     from zsq_plugins import zoo
     from zsq_plugins.synthesis import synthesize
+    from zsq_plugins.synthesis.adversarial import adversarial_synthesize
 
     if source == REAL:
         if zoo.card(model_name).dataset != "fashion_mnist":
@@ -239,21 +257,38 @@ def calibration_images(
         from zsq_plugins.datasets import calibration_subset
 
         return calibration_subset(config.num_samples, seed=config.seed)
+    folder = synthetic_set_folder(
+        data_dir,
+        model_name,
+        source,
+        config.synthesis_budget,
+        config.num_samples,
+        config.seed,
+        config.synthesis,
+    )
+    if plays_toolkit(source, config):
+        if cell is None:
+            raise ValueError(f"{source!r} data are made per toolkit and spec: pass the cell")
+        data = adversarial_synthesize(
+            zoo.load(model_name),
+            cell.toolkit,
+            QuantSpec.parse(cell.spec),
+            config.num_samples,
+            source,
+            config.seed,
+            budget=config.synthesis_budget,
+            cache_dir=folder / f"{cell.toolkit}-{cell.spec}",
+            progress=progress,
+            **config.synthesis,
+        )
+        return data.images
     data = synthesize(
         zoo.load(model_name),
         config.num_samples,
         source,
         config.seed,
         budget=config.synthesis_budget,
-        cache_dir=synthetic_set_folder(
-            data_dir,
-            model_name,
-            source,
-            config.synthesis_budget,
-            config.num_samples,
-            config.seed,
-            config.synthesis,
-        ),
+        cache_dir=folder,
         progress=progress,
         **config.synthesis,
     )
@@ -384,16 +419,28 @@ def run_grid(
     log.info("%d cells, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
     # One calibration set and one test set in memory at a time: the grid's order groups cells
     # by model and data source.
-    images_for: tuple[str, str] | None = None
+    # An adversarial source has a set per (toolkit, spec): those of the current model and
+    # source stay in memory together (a few MiB each).
+    images_for: dict[tuple[str, ...], torch.Tensor] = {}
     test_for: str | None = None
     bar = tqdm(todo, desc="cells", unit="cell", disable=not progress)
     for cell in bar:
         bar.set_postfix_str(cell.key, refresh=True)
-        if images_for != (cell.model, cell.data):
-            images = calibration_images(
-                cell.model, cell.data, config, Path(data_dir or results.folder / "data"), progress
+        wanted: tuple[str, ...] = (cell.model, cell.data)
+        if plays_toolkit(cell.data, config):
+            wanted += (cell.toolkit, cell.spec)
+        if wanted not in images_for:
+            if any(key[:2] != wanted[:2] for key in images_for):
+                images_for.clear()
+            images_for[wanted] = calibration_images(
+                cell.model,
+                cell.data,
+                config,
+                Path(data_dir or results.folder / "data"),
+                progress,
+                cell,
             )
-            images_for = (cell.model, cell.data)
+        images = images_for[wanted]
         if test_for != cell.model:
             test = evaluation_data(cell.model, config.test_samples)
             fp32 = fp32_top1(cell.model, test)

@@ -81,6 +81,7 @@ def synthesize(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    opponent: nn.Module | None = None,
     **overrides: Any,
 ) -> SyntheticDataset:
     """Generates ``num_samples`` calibration images for ``model`` without any real data.
@@ -98,6 +99,10 @@ def synthesize(
     Under ``torchrun --nproc_per_node=N`` each process generates a disjoint share of the
     batches into ``cache_dir`` (required then), rank 0 writes the merged manifest, and every
     rank returns the whole set, identical to a single-process run with the same seed.
+
+    ``opponent`` is the quantized model that a ZAQ-style preset (``adversarial``) plays
+    against; ``apply(model, toolkit, spec, data="adversarial")`` alternates such rounds with
+    the toolkit's calibration (synthesis/adversarial.py).
     """
     _positive_int("num_samples", num_samples)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -110,6 +115,13 @@ def synthesize(
             f"preset {preset!r} inverts BatchNorm statistics, but {type(model).__name__} has no "
             "BatchNorm layer with running statistics (was BatchNorm folded?). Presets that need "
             f"no BatchNorm: {', '.join(presets_without_batchnorm())}."
+        )
+    if config.needs_opponent and opponent is None:
+        raise ValueError(
+            f"preset {preset!r} maximizes the discrepancy between the model and a quantized "
+            "copy of it (ZAQ), so it needs that copy: call apply(model, toolkit, spec, "
+            f"data={preset!r}), which plays the toolkit's quantized model, or pass "
+            "opponent=<a quantized model>"
         )
     shape = tuple(input_shape) if input_shape is not None else infer_input_shape(model)
     if shape is None:
@@ -150,6 +162,8 @@ def synthesize(
         },
         "dtype": str(dtype),
     }
+    if config.needs_opponent and opponent is not None:
+        identity["opponent_fingerprint"] = model_fingerprint(opponent)
     store: ShardStore | _MemoryStore
     if cache_dir is not None:
         store = ShardStore(cache_dir, identity, ranks.rank, ranks.world)
@@ -159,7 +173,9 @@ def synthesize(
     pending = [i for i in range(len(sizes)) if i not in finished and ranks.owns(i)]
     if len(pending) < len(sizes):
         log.info("reusing %d finished batch(es) from %s", len(sizes) - len(pending), cache_dir)
-    engine = SynthesisEngine(model, config, shape, domain, num_classes, device, dtype)
+    engine = SynthesisEngine(
+        model, config, shape, domain, num_classes, device, dtype, opponent=opponent
+    )
     steps = 1 if config.parameterization is Parameterization.NOISE else config.iterations
     started = time.perf_counter()
     description = f"synthesize {preset}" + (f" [rank {ranks.rank}]" if ranks.is_distributed else "")

@@ -81,6 +81,15 @@ class SynthesisConfig:
     """Weight of pulling each sample's normalized-input mean/std to 0/1 (ZeroQ, Genie)."""
     output_weight: float = 0.0
     """Weight of cross-entropy to random labels on the model's output (GDFQ-style)."""
+    discrepancy_weight: float = 0.0
+    """ZAQ's output-level discrepancy: weight of the L1 distance between the FP model's and a
+    quantized opponent's logits (summed over classes, averaged over the batch), which the
+    images *maximize* (it enters the objective negated). Needs an opponent: ``apply(...,
+    data="adversarial")`` plays the toolkit's quantized model (synthesis/adversarial.py)."""
+    relation_weight: float = 0.0
+    """ZAQ's intermediate-level discrepancy: weight of the squared difference between the FP
+    model's and the opponent's sample-relation maps (cosine similarities between the
+    batch's images) at the input of every conv/linear layer both models have, maximized."""
 
     jitter: int = 0
     """Random translation of the input by up to this many pixels per step (DeepInversion)."""
@@ -122,6 +131,8 @@ class SynthesisConfig:
             "decorrelation_weight",
             "input_prior_weight",
             "output_weight",
+            "discrepancy_weight",
+            "relation_weight",
         )
         for field in weights:
             if not getattr(self, field) >= 0:
@@ -141,6 +152,13 @@ class SynthesisConfig:
         if self.parameterization is Parameterization.NOISE:
             return False
         return self.bn_batch_weight > 0 or self.bn_sample_weight > 0
+
+    @property
+    def needs_opponent(self) -> bool:
+        """Whether the objective plays against a quantized model (ZAQ's discrepancy)."""
+        if self.parameterization is Parameterization.NOISE:
+            return False
+        return self.discrepancy_weight > 0 or self.relation_weight > 0
 
     @property
     def uses_batchnorm(self) -> bool:

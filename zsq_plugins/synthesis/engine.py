@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -14,6 +16,12 @@ from tqdm.auto import tqdm
 from zsq_plugins.errors import ZSQError
 from zsq_plugins.synthesis.augment import augment
 from zsq_plugins.synthesis.config import Parameterization, StatisticsSource, SynthesisConfig
+from zsq_plugins.synthesis.discrepancy import (
+    layer_inputs,
+    matching_layers,
+    output_discrepancy,
+    relation_discrepancy,
+)
 from zsq_plugins.synthesis.hooks import (
     StatisticsCapture,
     StatisticsTarget,
@@ -38,6 +46,15 @@ def statistics_targets(
     if config.statistics is StatisticsSource.WEIGHTS:
         return weight_statistics_targets(model, input_shape)
     return batchnorm_targets(batchnorm_layers(model))
+
+
+@contextlib.contextmanager
+def _opponent(opponent: nn.Module | None) -> Iterator[nn.Module | None]:
+    if opponent is None:
+        yield None
+        return
+    with frozen(opponent):  # a fixed player while the images move
+        yield opponent
 
 
 class SynthesisDiverged(ZSQError):
@@ -78,8 +95,21 @@ class SynthesisEngine:
         num_classes: int,
         device: torch.device,
         dtype: torch.dtype = torch.float32,
+        opponent: nn.Module | None = None,
     ) -> None:
+        if config.needs_opponent and opponent is None:
+            raise ValueError(
+                "this configuration maximizes the discrepancy with a quantized model (ZAQ) "
+                "and needs one: pass opponent=<the toolkit's quantized model>, or let "
+                "apply(model, toolkit, spec, data='adversarial') play it"
+            )
         self.model = model
+        self.opponent = opponent if config.needs_opponent else None
+        self.relation_layers = (
+            matching_layers(model, opponent)
+            if opponent is not None and config.relation_weight > 0
+            else []
+        )
         self.config = config
         self.input_shape = input_shape
         self.domain = domain
@@ -108,12 +138,24 @@ class SynthesisEngine:
             StatisticsCapture(self.targets) as capture,
             capture_input(self.classifier) as features,
             swing_convolution(self.model, self.config.swing, generator),
+            _opponent(self.opponent) as opponent,
+            layer_inputs(self.model, self.relation_layers) as fp_features,
+            layer_inputs(
+                opponent or self.model, self.relation_layers if opponent else []
+            ) as opponent_features,
         ):
             targets = capture.targets
             for iteration in range(self.config.iterations):
                 source.zero_grad()
                 z = source.normalized()
-                logits = self.model(augment(self.domain.to_input(z), self.config, generator))
+                x = augment(self.domain.to_input(z), self.config, generator)
+                logits = self.model(x)
+                discrepancies = None
+                if opponent is not None:
+                    discrepancies = {
+                        "discrepancy": output_discrepancy(logits, opponent(x)),
+                        "relation": relation_discrepancy(fp_features, opponent_features),
+                    }
                 loss, terms = total_objective(
                     self.config,
                     capture.collected() if self.targets else [],
@@ -122,6 +164,7 @@ class SynthesisEngine:
                     logits,
                     features[0] if features else None,
                     plan,
+                    discrepancies,
                 )
                 value = float(loss.detach())
                 if not math.isfinite(value):

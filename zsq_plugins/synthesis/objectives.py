@@ -5,7 +5,8 @@ Terms (weights on SynthesisConfig):
 - per-sample statistics vs BN statistics, with one randomly emphasized layer per sample
   (DSG's layerwise sample enhancement);
 - slack alignment (DSG): no push inside a margin derived from the model (expected_deviation);
-- decorrelation of samples' penultimate features; an input prior; random-label cross-entropy.
+- decorrelation of samples' penultimate features; an input prior; random-label cross-entropy;
+- ZAQ's discrepancy with a quantized opponent (discrepancy.py), maximized: negative weights.
 """
 
 from __future__ import annotations
@@ -128,8 +129,10 @@ def total_objective(
     logits: torch.Tensor,
     features: torch.Tensor | None,
     plan: BatchPlan,
+    discrepancies: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The weighted objective and its unweighted terms (for logging)."""
+    """The weighted objective and its unweighted terms (for logging). ``discrepancies``
+    (``output``/``relation`` against an opponent) are maximized: they enter negated."""
     terms = bn_loss_terms(stats, targets, config, plan) if stats else {}
     weights = {"bn_batch": config.bn_batch_weight, "bn_sample": config.bn_sample_weight}
     if config.input_prior_weight > 0:
@@ -141,6 +144,13 @@ def total_objective(
     if config.output_weight > 0:
         terms["output"] = F.cross_entropy(logits, plan.labels.to(logits.device))
         weights["output"] = config.output_weight
+    for name, weight in (
+        ("discrepancy", config.discrepancy_weight),
+        ("relation", config.relation_weight),
+    ):
+        if weight > 0 and discrepancies is not None and name in discrepancies:
+            terms[name] = discrepancies[name]
+            weights[name] = -weight
     if not terms:
         raise ValueError("the synthesis objective has no active term; set a weight above 0")
     total = sum(weights[name] * value for name, value in terms.items())

@@ -11,7 +11,12 @@ from typing import Protocol, runtime_checkable
 
 from zsq_plugins.configio import Budget
 from zsq_plugins.registry import GENERATORS_GROUP, Registry
-from zsq_plugins.synthesis.config import Distance, Parameterization, SynthesisConfig
+from zsq_plugins.synthesis.config import (
+    Distance,
+    Parameterization,
+    StatisticsSource,
+    SynthesisConfig,
+)
 
 
 @runtime_checkable
@@ -104,8 +109,30 @@ GENIE = _preset(
     iterations=130,
 )
 
+# After GZSQ: data distilled from the weights alone, for models without BatchNorm. Genie's
+# generator and budgets, with per-layer targets propagated from the weights
+# (weight_stats.py) in place of BatchNorm statistics.
+WEIGHT_STATS = _preset(
+    "weight-stats",
+    "Statistics derived from the weights alone (moments propagated layer by layer): no BN.",
+    GENIE.paper.replace(statistics=StatisticsSource.WEIGHTS),
+    iterations=130,
+)
+
+# After ZAQ (Liu et al., CVPR 2021): the weight-derived statistics for realism, plus the
+# two-level discrepancy with the toolkit's quantized model, maximized; apply() alternates
+# it with the toolkit's calibration (adversarial.py). No swing convolution: the opponent
+# must see the very images the FP model sees.
+ADVERSARIAL = _preset(
+    "adversarial",
+    "ZAQ-style: images that maximize the FP-vs-quantized discrepancy, alternating with "
+    "calibration (apply(data='adversarial')): no BN.",
+    WEIGHT_STATS.paper.replace(discrepancy_weight=1.0, relation_weight=1.0, swing=0),
+    iterations=130,
+)
+
 GENERATORS: Registry[GeneratorPreset] = Registry("generator preset", GENERATORS_GROUP)
-for _preset_item in (NOISE, ZEROQ, DSG, GENIE):
+for _preset_item in (NOISE, ZEROQ, DSG, GENIE, WEIGHT_STATS, ADVERSARIAL):
     GENERATORS.register(_preset_item.name, _preset_item)
 
 
