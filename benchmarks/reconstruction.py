@@ -27,6 +27,7 @@ import torch
 from synthetic_cache import cached_synthesize
 
 from zsq_plugins import QuantSpec, apply, evaluate, zoo
+from zsq_plugins.compare import spec_order
 from zsq_plugins.datasets import calibration_subset, fashion_mnist
 from zsq_plugins.reporting import (
     environment_footer,
@@ -183,7 +184,8 @@ def render() -> str:
         mine = [c for c in cells if c["model"] == model]
         out.append(f"\n## {model} (FP32 {mine[0]['fp32_top1']:.2f}%)\n\n")
         rows = []
-        for key in dict.fromkeys((c["spec"], c["source"], c["toolkit"], c["budget"]) for c in mine):
+        keys = dict.fromkeys((c["spec"], c["source"], c["toolkit"], c["budget"]) for c in mine)
+        for key in sorted(keys, key=lambda k: (spec_order(k[0]), k[1] != "real", k[1:])):
             row = dict(zip(("spec", "data", "toolkit", "budget"), key, strict=True))
             for c in mine:
                 if (c["spec"], c["source"], c["toolkit"], c["budget"]) == key:

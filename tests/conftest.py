@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import pytest
@@ -69,3 +70,44 @@ def zoo_style_bn_model() -> nn.Module:
         for _ in range(20):
             model(pseudo_images(64, generator))
     return model.eval()
+
+
+def quadrant_labels(images: torch.Tensor) -> torch.Tensor:
+    """Which quadrant of an 8x8 image is brightest: a task a small net learns in seconds."""
+    return images.unflatten(2, (2, 4)).unflatten(4, (2, 4)).mean((3, 5)).flatten(1).argmax(1)
+
+
+@functools.cache
+def trained_no_bn_model() -> nn.Module:
+    """A small conv net without BatchNorm, trained on pseudo_images (quadrant_labels): its
+    weights carry what its data look like, as a pretrained model's do. Deterministic."""
+    from zsq_plugins.zoo._layers import Normalize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        Normalize((0.5,), (0.25,)),
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 2 * 2, 4),
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(300):
+        x = pseudo_images(64, generator)
+        loss = nn.functional.cross_entropy(model(x), quadrant_labels(x))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def calibration_error(model: nn.Module, data, spec: str = "W4A4", **options) -> float:
+    """Mean squared difference between the FP logits and those of ``model`` quantized by fx
+    with calibration ``data``, on held-out pseudo_images (the model's 'real' data)."""
+    from zsq_plugins import QuantSpec, apply
+
+    held_out = pseudo_images(512, torch.Generator().manual_seed(1))
+    options.setdefault("progress", False)
+    quantized, _ = apply(model, "fx", QuantSpec.parse(spec), data=data, **options)
+    with torch.no_grad():
+        return float((quantized(held_out) - model(held_out)).pow(2).mean())

@@ -4,7 +4,7 @@ alternation with each toolkit's own calibration."""
 import pytest
 import torch
 
-from tests.conftest import SHAPE
+from tests.conftest import SHAPE, calibration_error, trained_no_bn_model
 from tests.test_adapter_conformance import BUILT_IN
 from tests.test_weight_stats import _no_bn_model
 from zsq_plugins import QuantSpec, apply, synthesize
@@ -64,3 +64,11 @@ def test_finished_rounds_are_reused_and_apply_runs_the_rounds(tmp_path):
     torch.testing.assert_close(again.images, data.images)
     _, report = apply(model, "fx", spec, data="adversarial", num_samples=24, **FAST)
     assert (report.data, report.num_samples) == ("adversarial", 24)
+
+
+def test_adversarial_data_beat_noise_calibration():
+    model = trained_no_bn_model()
+    options = {**FAST, "iterations": 60, "batch_size": 16}
+    adversarial = calibration_error(model, "adversarial", num_samples=64, **options)
+    noise = synthesize(model, 64, "noise", input_shape=SHAPE, progress=False).images
+    assert adversarial < 0.5 * calibration_error(model, noise)

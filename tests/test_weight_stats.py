@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import SHAPE
+from tests.conftest import SHAPE, calibration_error, trained_no_bn_model
 from zsq_plugins import synthesize
 from zsq_plugins.errors import UnsupportedModelError
 from zsq_plugins.quant.fold import fold_batchnorm
@@ -87,3 +87,15 @@ def test_unsupported_operation_is_named():
 
     with pytest.raises(UnsupportedModelError, match="sigmoid"):
         weight_statistics_targets(Odd(), SHAPE)
+
+
+def test_weight_stats_preset_lowers_its_objective_and_beats_noise_calibration():
+    model = trained_no_bn_model()
+    data = synthesize(
+        model, 64, "weight-stats", input_shape=SHAPE, iterations=60, batch_size=32,
+        progress=False,
+    )  # fmt: skip
+    for shard in data.manifest["shards"]:
+        assert shard["final_loss"] < 0.8 * shard["initial_loss"]
+    noise = synthesize(model, 64, "noise", input_shape=SHAPE, progress=False)
+    assert calibration_error(model, data.images) < 0.5 * calibration_error(model, noise.images)

@@ -66,6 +66,12 @@ class SynthesisConfig:
     statistics: StatisticsSource = StatisticsSource.BATCHNORM
     """Where the statistics targets come from."""
     bn_distance: Distance = Distance.MSE
+    std_floor: bool = False
+    """Treat each target standard deviation as a floor: push deviations below it up, leave
+    those above it alone. For weight-derived targets (``weight-stats``), whose deviations
+    are biased low: the propagation takes channels as independent, and the positive
+    correlations between channels after ReLU make real deviations larger, increasingly so
+    with depth."""
     bn_batch_weight: float = 1.0
     """Weight of matching batch statistics (mean, std over N, H, W) to BN running statistics."""
     bn_sample_weight: float = 0.0

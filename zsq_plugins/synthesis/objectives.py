@@ -48,6 +48,12 @@ def _slacked(value: torch.Tensor, margin: float) -> torch.Tensor:
     return F.relu(value - margin) if margin > 0 else value
 
 
+def _floor_only(std: torch.Tensor, target: torch.Tensor, floor: bool) -> torch.Tensor:
+    """With ``floor``, a deviation above its target counts as on target: only a shortfall
+    is pushed (SynthesisConfig.std_floor)."""
+    return torch.minimum(std, target) if floor else std
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchPlan:
     """Random choices fixed for one batch: emphasized layer per sample, random labels."""
@@ -81,7 +87,8 @@ def bn_loss_terms(
             margin_mean = config.slack * expected_deviation(target.std, count, kind, False)
             margin_std = config.slack * expected_deviation(target.std, count, kind, True)
             total = total + _slacked(distance(stat.batch_mean, target.mean, kind), margin_mean)
-            total = total + _slacked(distance(stat.batch_std, target.std, kind), margin_std)
+            batch_std = _floor_only(stat.batch_std, target.std, config.std_floor)
+            total = total + _slacked(distance(batch_std, target.std, kind), margin_std)
         terms["bn_batch"] = total
     if config.bn_sample_weight > 0:
         per_layer = []
@@ -90,7 +97,12 @@ def bn_loss_terms(
             margin_std = config.slack * expected_deviation(target.std, stat.positions, kind, True)
             per_layer.append(
                 _slacked(distance(stat.sample_mean, target.mean, kind), margin_mean)
-                + _slacked(distance(stat.sample_std, target.std, kind), margin_std)
+                + _slacked(
+                    distance(
+                        _floor_only(stat.sample_std, target.std, config.std_floor), target.std, kind
+                    ),
+                    margin_std,
+                )
             )
         losses = torch.stack(per_layer, dim=1)  # (N, layers)
         sample_term = losses.sum(1).mean()

@@ -111,11 +111,16 @@ GENIE = _preset(
 
 # After GZSQ: data distilled from the weights alone, for models without BatchNorm. Genie's
 # generator and budgets, with per-layer targets propagated from the weights
-# (weight_stats.py) in place of BatchNorm statistics.
+# (weight_stats.py) in place of BatchNorm statistics. The propagated deviations are biased
+# low (channels are correlated), increasingly with depth, so they act as floors
+# (std_floor), and GDFQ's random-label cross-entropy asks for the confident outputs a
+# trained classifier gives real images: matched as equalities, the deviations pulled the
+# logits toward a constant output.
 WEIGHT_STATS = _preset(
     "weight-stats",
-    "Statistics derived from the weights alone (moments propagated layer by layer): no BN.",
-    GENIE.paper.replace(statistics=StatisticsSource.WEIGHTS),
+    "Statistics derived from the weights alone (moments propagated layer by layer) and "
+    "confident outputs for random labels: no BN.",
+    GENIE.paper.replace(statistics=StatisticsSource.WEIGHTS, std_floor=True, output_weight=1.0),
     iterations=130,
 )
 
