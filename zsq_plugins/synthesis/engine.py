@@ -141,7 +141,8 @@ class SynthesisEngine:
             _opponent(self.opponent) as opponent,
             layer_inputs(self.model, self.relation_layers) as fp_features,
             layer_inputs(
-                opponent or self.model, self.relation_layers if opponent else []
+                opponent if opponent is not None else self.model,
+                self.relation_layers if opponent is not None else [],
             ) as opponent_features,
         ):
             targets = capture.targets
