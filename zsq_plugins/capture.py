@@ -17,6 +17,12 @@ from zsq_plugins.adapter import QuantizerHandle
 from zsq_plugins.errors import ZSQError
 
 
+def plain_tensor(value: object) -> torch.Tensor:
+    """``value`` as a plain tensor: a toolkit may hand over a wrapped one (Brevitas'
+    QuantTensor) whose values are its ``.value``."""
+    return getattr(value, "value", value)  # type: ignore[return-value]
+
+
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once the requested point is reached."""
 
@@ -52,8 +58,7 @@ def run_to(model: nn.Module, x: torch.Tensor, store: list[torch.Tensor]) -> torc
     else:
         if not store:
             store.append(output)
-    value = store[0]
-    return getattr(value, "value", value)  # a toolkit may hand over a wrapped tensor
+    return plain_tensor(store[0])
 
 
 def float_weights(

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from zsq_plugins.adapter import Adapter, QuantizedModel, QuantizerHandle, QuantizerKind
-from zsq_plugins.capture import float_weight
+from zsq_plugins.capture import float_weight, plain_tensor
 from zsq_plugins.quant.adaptive_bn import adapt_batchnorm, layer_moments
 from zsq_plugins.quant.clipping import clip_activations
 from zsq_plugins.quant.fakequant import fake_quantize
@@ -116,7 +116,7 @@ def unwrap(value: object) -> torch.Tensor:
     """A quantizer module's output as a tensor (toolkits wrap it in tuples or QuantTensors)."""
     if isinstance(value, tuple | list):
         value = value[0]
-    return getattr(value, "value", value)  # type: ignore[return-value]
+    return plain_tensor(value)
 
 
 def quantizer_io(handle: QuantizerHandle, run: Callable[[], None]) -> tuple[torch.Tensor, ...]:

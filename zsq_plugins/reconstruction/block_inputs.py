@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from zsq_plugins.capture import capture_at, run_to
+from zsq_plugins.capture import capture_at, plain_tensor, run_to
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ class BlockInputCache(str, enum.Enum):
     """Block inputs in a memory-mapped temporary file: RAM holds one batch at a time."""
     OFF = "off"
     """No cache: the prefix runs on every step (least memory, slowest)."""
-
-
-def _values(tensor: torch.Tensor) -> torch.Tensor:
-    return getattr(tensor, "value", tensor)  # a toolkit may hand over a wrapped tensor
 
 
 def _mapped_tensor(
@@ -128,7 +124,7 @@ class BlockRunner:
         # the block on bit-identical inputs (a kernel's result may depend on the batch size).
         chunks = range(0, len(self.images), batch_size)
         with torch.no_grad(), capture_at(self.model, self.first_layer) as store:
-            first = _values(run_to(self.model, self.images[:batch_size], store)).detach()
+            first = run_to(self.model, self.images[:batch_size], store).detach()
             shape = (len(self.images), *first.shape[1:])
             if self.cache is BlockInputCache.DISK:
                 inputs = _mapped_tensor(shape, first.dtype, cache_dir)
@@ -136,7 +132,7 @@ class BlockRunner:
                 inputs = torch.empty(shape, dtype=first.dtype)
             inputs[: len(first)] = first.cpu()
             for start in chunks[1:]:
-                value = _values(run_to(self.model, self.images[start : start + batch_size], store))
+                value = run_to(self.model, self.images[start : start + batch_size], store)
                 inputs[start : start + len(value)] = value.detach().cpu()
         return inputs
 
@@ -157,7 +153,7 @@ class BlockRunner:
     @contextmanager
     def _swap_in(self, batch: torch.Tensor) -> Iterator[None]:
         def swap(_: nn.Module, args: tuple) -> None:
-            value = _values(args[0])
+            value = plain_tensor(args[0])
             with torch.no_grad():
                 value.set_(batch.to(value.dtype))
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zsq_plugins.capture import plain_tensor
+
 
 def relation_map(features: torch.Tensor) -> torch.Tensor:
     """Cosine similarity between every pair of images' features: (N, ...) -> (N, N)."""
@@ -53,8 +55,7 @@ def layer_inputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch
 
     def record(name: str):
         def hook(_: nn.Module, args: tuple) -> None:
-            value = args[0]
-            store[name] = getattr(value, "value", value)
+            store[name] = plain_tensor(args[0])
 
         return hook
 
@@ -68,8 +69,7 @@ def layer_inputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch
 
 def output_discrepancy(fp_logits: torch.Tensor, opponent_logits: torch.Tensor) -> torch.Tensor:
     """L1 distance between the logits, summed over classes and averaged over the batch."""
-    opponent_logits = getattr(opponent_logits, "value", opponent_logits)
-    return (fp_logits - opponent_logits).abs().flatten(1).sum(1).mean()
+    return (fp_logits - plain_tensor(opponent_logits)).abs().flatten(1).sum(1).mean()
 
 
 def relation_discrepancy(
