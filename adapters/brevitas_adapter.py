@@ -3,8 +3,9 @@
 The model's BatchNorm is folded first (our ``fold_batchnorm``, on a copy: Brevitas' own
 ``preprocess_for_quantize`` folds into the caller's weights), then Brevitas'
 ``layerwise_quantize`` swaps every Conv2d/Linear for a QuantConv2d/QuantLinear that quantizes
-its weight (as the spec says; by default per output channel and symmetric, on Brevitas' narrow
-signed range, e.g. [-7, 7] at 4 bits) and its input (per tensor). Module names stay those of
+its weight (as the spec says; by default per output channel and symmetric, on the full signed
+grid, e.g. [-8, 7] at 4 bits, or Brevitas' own narrow one if the spec sets
+``weight_narrow_range``) and its input (per tensor). Module names stay those of
 the FP model. Calibration is Brevitas' own: ``calibration_mode`` over the batches (Brevitas'
 default statistics: abs-max weights, 99.999th-percentile activations, averaged over batches).
 
@@ -255,6 +256,8 @@ def _weight_quant(spec: QuantSpec, ns: SimpleNamespace) -> tuple[type, dict[str,
     if spec.weight_symmetry is Symmetry.SYMMETRIC:
         quant = ns.scaled_int.Int8WeightPerChannelFloat if per_channel else (
             ns.scaled_int.Int8WeightPerTensorFloat)  # fmt: skip
+        # Brevitas' Int8Weight* quantizers are narrow unless told otherwise.
+        extra["weight_narrow_range"] = spec.weight_narrow_range
         return quant, extra
     quant = ns.shifted.ShiftedUint8WeightPerChannelFloat if per_channel else (
         ns.shifted.ShiftedUint8WeightPerTensorFloat)  # fmt: skip

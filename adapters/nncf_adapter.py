@@ -13,7 +13,9 @@ made at 8 bits, then given its width through ``num_bits``, which re-derives the 
 and keeps the calibrated range (a min-max grid at the new width). Weights get ``weight_bits``
 except the 8-bit layers (first conv, last linear, ``keep_8bit``); an activation quantizer gets
 8 bits if it feeds such a layer, ``act_bits`` otherwise. NNCF keeps symmetric weights on a
-narrow grid ([-127, 127] at 8 bits, [-7, 7] at 4), as OpenVINO runs them; handles report it.
+narrow grid ([-127, 127] at 8 bits, [-7, 7] at 4), as OpenVINO runs them; unless the spec asks
+for that (``weight_narrow_range``), the adapter gives them the full grid, as the other toolkits
+have it. Handles report the grid.
 """
 
 from __future__ import annotations
@@ -367,8 +369,15 @@ def collect_handles(
             layer, kind, _, hook, first_bits = found[id(module)]
             bits = max(bits, first_bits)
         found[id(module)] = (layer, kind, module, hook, bits)
+    narrow = spec.weight_narrow_range and spec.weight_symmetry is Symmetry.SYMMETRIC
     handles = []
     for layer, kind, module, hook, bits in found.values():
+        if kind is QuantizerKind.WEIGHT and module.narrow_range != narrow:
+            # Like the bit width, the grid is set after nncf.quantize: NNCF's hardware
+            # configuration refuses weights off the narrow grid. The flag is read by set_levels
+            # (which the num_bits setter calls), and NNCF's ONNX export reads it too.
+            module._narrow_range = narrow
+            module.set_levels()
         if module.num_bits != bits:
             module.num_bits = bits  # the setter re-derives level_low and level_high
         handles.append(NNCFQuantizerHandle(layer, kind, module, hook))

@@ -63,7 +63,8 @@ def weight_fake_quant(bits: int, spec: QuantSpec):
     ao, _ = _ao()
     symmetric = spec.weight_symmetry is Symmetry.SYMMETRIC
     per_channel = spec.weight_granularity is Granularity.PER_CHANNEL
-    qmin, qmax = integer_range(bits, signed=True)
+    # torch.ao takes any integer range; its symmetric observers scale to (qmax - qmin) / 2.
+    qmin, qmax = integer_range(bits, signed=True, narrow=symmetric and spec.weight_narrow_range)
     if per_channel:
         scheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
         return ao.FakeQuantize.with_args(

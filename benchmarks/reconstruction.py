@@ -198,6 +198,7 @@ def render() -> str:
                 "spec": c["spec"],
                 "data": c["source"],
                 "method": c["method"],
+                "threads": c["environment"]["torch_threads"],
                 "reconstruct_s": c["timings_s"]["reconstruct"],
                 "peak_rss_mib": c["peak_rss_mib"],
                 "max_fidelity": c["max_fidelity"],
@@ -257,6 +258,7 @@ def pipeline_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "data": c["source"],
                 "method": c["method"],
                 "budget": c["budget"],
+                "threads": c["environment"]["torch_threads"],
                 "generate_s": generation,
                 "reconstruct_s": reconstruct_s,
                 "pipeline_min": (generation + reconstruct_s) / 60,
@@ -277,6 +279,7 @@ ZERO_SHOT_GAP = {
 """Best zero-shot preset + genie-m: most points below real data + genie-m."""
 TOOLKIT_SPREAD = 0.5
 PIPELINE_MINUTES = 15.0
+"""Generate 1024 images + reconstruct resnet20_fmnist at W4A4 with the cpu budget, 2 threads."""
 
 
 def target_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -324,7 +327,8 @@ def target_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"{c['source']}", c["top1"] - cpu, 0.3)  # fmt: skip
     resnet = [c for c in cells if (c["budget"], c["model"]) == ("cpu", "resnet20_fmnist")]
     for row in pipeline_rows(resnet):
-        if (row["spec"], row["method"]) == ("W4A4", "genie-m"):
+        # The target is stated for 2 threads; cells run with fewer are slower by design.
+        if (row["spec"], row["method"], row["threads"]) == ("W4A4", "genie-m", 2):
             add("zero-shot pipeline minutes", f"resnet20_fmnist {row['toolkit']} {row['data']}",
                 row["pipeline_min"], PIPELINE_MINUTES)  # fmt: skip
     return rows

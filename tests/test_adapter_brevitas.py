@@ -84,13 +84,22 @@ def test_handles_agree_with_brevitas_own_view():
     layer = quantized.model.get_submodule("body.0")
     weight = quantized.handle("body.0", QuantizerKind.WEIGHT)
     torch.testing.assert_close(layer.quant_weight().scale.flatten(), weight.scale())
-    assert (weight.quant_min, weight.quant_max) == (-7, 7)  # Brevitas' narrow range
+    assert (weight.quant_min, weight.quant_max) == (-8, 7)  # the spec's full grid
     assert int(layer.quant_weight().bit_width) == weight.bits == 4
     act = quantized.handle("stem.2", QuantizerKind.ACTIVATION)
     assert act.module is layer.input_quant
     torch.testing.assert_close(layer.input_quant.scale().flatten(), act.scale())
     scaling = layer.input_quant.fused_activation_quant_proxy.tensor_quant.scaling_impl
     assert isinstance(scaling.value, nn.Parameter)  # a stored scale, not recomputed
+
+
+def test_narrow_range_is_brevitas_own_default_grid():
+    spec = QuantSpec(weight_bits=4, act_bits=4, weight_narrow_range=True)
+    quantized, _ = quantize("brevitas", tiny_model("relu6"), spec)
+    tensor_quant = quantized.model.get_submodule("body.0").weight_quant.tensor_quant
+    assert tensor_quant.int_quant.narrow_range
+    weight = quantized.handle("body.0", QuantizerKind.WEIGHT)
+    assert (weight.quant_min, weight.quant_max) == (-7, 7)
 
 
 def test_zero_point_round_trip_and_a_new_scale_keeps_it():

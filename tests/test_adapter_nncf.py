@@ -38,7 +38,7 @@ def test_resnet20_w4a4_layout(resnet20_w4a4):
     weights = {h.layer: h for h in quantized.weight_handles()}
     assert sorted(weights) == sorted(layers)  # FP module names, one quantizer per layer
     assert {layer for layer, h in weights.items() if h.bits == 8} == {"stem.0", "fc"}
-    assert all(h.bits == 4 and (h.quant_min, h.quant_max) == (-7, 7) for h in weights.values()
+    assert all(h.bits == 4 and (h.quant_min, h.quant_max) == (-8, 7) for h in weights.values()
                if h.layer not in ("stem.0", "fc"))  # fmt: skip
     acts = {h.layer: h for h in quantized.activation_handles()}
     # 8 bits: the first conv's input (the normalized image) and the pooled features the last

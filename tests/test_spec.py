@@ -14,6 +14,17 @@ def test_defaults_are_the_standard_setting():
     assert spec.weight_symmetry is Symmetry.SYMMETRIC
     assert spec.act_symmetry is Symmetry.ASYMMETRIC
     assert spec.keep_first_last_8bit and spec.fold_batchnorm
+    assert not spec.weight_narrow_range
+
+
+def test_narrow_range_is_a_flag_and_sets_the_reference_grid():
+    from zsq_plugins.quant.fakequant import integer_range
+
+    with pytest.raises(ValueError, match="weight_narrow_range"):
+        QuantSpec(weight_narrow_range="yes")
+    assert integer_range(2, signed=True) == (-2, 1)
+    assert integer_range(2, signed=True, narrow=True) == (-1, 1)  # ternary
+    assert integer_range(4, signed=False, narrow=True) == (0, 15)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -57,6 +68,7 @@ def test_json_round_trip():
         weight_symmetry="asymmetric",
         keep_8bit=("blocks.0",),
         keep_first_last_8bit=False,
+        weight_narrow_range=True,
     )
     text = spec.to_json()
     assert json.loads(text)["weight_symmetry"] == "asymmetric"

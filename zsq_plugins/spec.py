@@ -40,6 +40,12 @@ class QuantSpec:
     act_granularity: Granularity = Granularity.PER_TENSOR
     weight_symmetry: Symmetry = Symmetry.SYMMETRIC
     act_symmetry: Symmetry = Symmetry.ASYMMETRIC
+    weight_narrow_range: bool = False
+    """Symmetric weights on the narrow grid [-(2^(b-1) - 1), 2^(b-1) - 1] (NNCF's and
+    Brevitas' own default, what OpenVINO runs) instead of the full [-2^(b-1), 2^(b-1) - 1]
+    (torch.ao's default, and the papers'). Off by default so that one spec is one grid in
+    every toolkit: at 3 bits the narrow grid has 7 levels instead of 8, at 2 bits it is
+    ternary."""
     keep_first_last_8bit: bool = True
     """Keep the first conv and the last linear layer, and their inputs, at 8 bits."""
     keep_8bit: tuple[str, ...] = ()
@@ -69,6 +75,10 @@ class QuantSpec:
             except ValueError:
                 choices = ", ".join(repr(member.value) for member in enum)
                 raise ValueError(f"{field} must be one of {choices}; got {value!r}") from None
+        if not isinstance(self.weight_narrow_range, bool):
+            raise ValueError(
+                f"weight_narrow_range must be True or False, got {self.weight_narrow_range!r}"
+            )
         keep = self.keep_8bit
         if isinstance(keep, str) or not all(isinstance(name, str) for name in keep):
             raise ValueError(f"keep_8bit must be a sequence of module names, got {keep!r}")

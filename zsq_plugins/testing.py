@@ -166,7 +166,8 @@ def _run(quantized: QuantizedModel, x: torch.Tensor) -> Callable[[], None]:
 
 def check_spec_is_honoured(adapter: Adapter) -> None:
     """One weight quantizer per conv/linear at the spec's bits (first and last at 8), per
-    channel on axis 0; per-tensor activation quantizers, the model input's at 8 bits."""
+    channel on axis 0; per-tensor activation quantizers, the model input's at 8 bits; the
+    weight grid full or narrow as the spec says."""
     for kind in ("relu", "relu6"):
         model = tiny_model(kind)
         quantized, _ = quantize_tiny(adapter, model, QuantSpec(weight_bits=3, act_bits=4))
@@ -187,6 +188,11 @@ def check_spec_is_honoured(adapter: Adapter) -> None:
         normalize = next(n for n, m in model.named_modules() if isinstance(m, Normalize))
         inputs = [h for h in acts if h.layer in ("input", normalize)]
         _require(inputs and all(h.bits == 8 for h in inputs), "the model input must be 8-bit")
+    for narrow, grid in ((False, (-4, 3)), (True, (-3, 3))):
+        spec = QuantSpec(weight_bits=3, act_bits=4, weight_narrow_range=narrow)
+        quantized, _ = quantize_tiny(adapter, tiny_model("relu"), spec)
+        grids = {(h.quant_min, h.quant_max) for h in quantized.weight_handles() if h.bits == 3}
+        _require(grids == {grid}, f"weight_narrow_range={narrow}: 3-bit weight grids {grids}")
 
 
 def check_switched_off_equals_folded_fp32(adapter: Adapter) -> None:
@@ -209,7 +215,8 @@ def check_switched_off_equals_folded_fp32(adapter: Adapter) -> None:
 
 def check_handles_describe_the_quantizers(adapter: Adapter) -> None:
     """Each kind's 4-bit quantizer computes what its handle's scale, zero point and grid
-    say, before and after ``set_scale``."""
+    say, before and after ``set_scale``; a step shrunk until values saturate checks the
+    grid's ends, the narrow weight grid's too."""
     quantized, data = quantize_tiny(adapter, tiny_model("relu"), QuantSpec.parse("W4A4"))
     for kind in (QuantizerKind.ACTIVATION, QuantizerKind.WEIGHT):
         handle = next(h for h in quantized.handles if h.kind is kind and h.bits == 4)
@@ -221,6 +228,13 @@ def check_handles_describe_the_quantizers(adapter: Adapter) -> None:
         x2, y2 = quantizer_io(handle, _run(quantized, data[1]))
         torch.testing.assert_close(y2, expected_output(handle, x2), rtol=1e-5, atol=1e-6)
         _require(not torch.allclose(y2, y), f"set_scale did not change {handle!r}'s output")
+    narrow = QuantSpec(weight_bits=4, act_bits=4, weight_narrow_range=True)
+    for spec in (QuantSpec.parse("W4A4"), narrow):
+        quantized, data = quantize_tiny(adapter, tiny_model("relu"), spec)
+        handle = next(h for h in quantized.weight_handles() if h.bits == 4)
+        handle.set_scale(handle.scale() * 0.2)
+        x, y = quantizer_io(handle, _run(quantized, data[1]))
+        torch.testing.assert_close(y, expected_output(handle, x), rtol=1e-5, atol=1e-6)
 
 
 def check_onnx_export(adapter: Adapter) -> None:

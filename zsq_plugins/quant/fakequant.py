@@ -8,23 +8,26 @@ CLIP_SEARCH_STEPS = 100
 """Candidate clipping ratios tried by the MSE search (linear grid over (0, 1])."""
 
 
-def integer_range(bits: int, signed: bool) -> tuple[int, int]:
+def integer_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
+    """The integer levels of a ``bits``-wide grid; ``narrow`` drops a signed grid's most
+    negative level so that it is symmetric about 0."""
     if signed:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
 
 
 def affine_params(
-    low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool
+    low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool, narrow: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Scale and zero point covering [low, high] (which is widened to include 0).
 
-    Symmetric: signed grid, zero point 0, scale max|x| / qmax. Asymmetric: unsigned grid.
+    Symmetric: signed grid (``narrow``: without its most negative level), zero point 0,
+    scale max|x| / qmax. Asymmetric: unsigned grid.
     """
     low = torch.minimum(low, torch.zeros_like(low))
     high = torch.maximum(high, torch.zeros_like(high))
     if symmetric:
-        qmin, qmax = integer_range(bits, signed=True)
+        qmin, qmax = integer_range(bits, signed=True, narrow=narrow)
         scale = torch.maximum(-low, high) / qmax
         zero_point = torch.zeros_like(scale)
     else:

@@ -103,13 +103,15 @@ class InputQuantizer(nn.Module):
 def _quantize_weight(module: nn.Module, bits: int, spec: QuantSpec) -> None:
     weight = module.weight.data
     symmetric = spec.weight_symmetry is Symmetry.SYMMETRIC
+    narrow = spec.weight_narrow_range
     if spec.weight_granularity is Granularity.PER_CHANNEL:
         flat = weight.flatten(1)
         low, high = flat.min(1).values, flat.max(1).values
-        scale, zero_point, qmin, qmax = affine_params(low, high, bits, symmetric)
+        scale, zero_point, qmin, qmax = affine_params(low, high, bits, symmetric, narrow)
         module.weight.data = fake_quantize(weight, scale, zero_point, qmin, qmax, axis=0)
     else:
-        scale, zero_point, qmin, qmax = affine_params(weight.min(), weight.max(), bits, symmetric)
+        low, high = weight.min(), weight.max()
+        scale, zero_point, qmin, qmax = affine_params(low, high, bits, symmetric, narrow)
         module.weight.data = fake_quantize(weight, scale, zero_point, qmin, qmax)
 
 
