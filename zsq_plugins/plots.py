@@ -34,6 +34,10 @@ def _setting(row: dict[str, Any]) -> tuple[str, str, str]:
     return row["data"], row.get("calibration", "plain"), row["reconstruct"]
 
 
+def _label(setting: tuple[str, str, str]) -> str:
+    return " + ".join(part for part in setting if part not in ("none", "plain"))
+
+
 def accuracy_vs_bits(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """One panel per toolkit (per model): top-1 against the spec, fewest bits to the right,
     a line per (data, calibration, reconstruction), and FP32 as a dashed line."""
@@ -43,17 +47,22 @@ def accuracy_vs_bits(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     figure, axes = plt.subplots(
         len(models),
         len(toolkits),
-        figsize=(4.2 * len(toolkits), 3.4 * len(models)),
+        figsize=(4.2 * len(toolkits), 3.4 * len(models) + 0.8),
         squeeze=False,
         sharey="row",
+        layout="constrained",
     )
+    # One colour per line across every panel, so that a line missing from one panel does not
+    # shift the colours of the others.
+    colours = {
+        setting: f"C{k % 10}" for k, setting in enumerate(dict.fromkeys(map(_setting, rows)))
+    }
     for i, model in enumerate(models):
         mine = [r for r in rows if r["model"] == model]
         specs = sorted(dict.fromkeys(r["spec"] for r in mine), key=spec_order)
         for j, toolkit in enumerate(toolkits):
             axis = axes[i][j]
-            series = dict.fromkeys(_setting(r) for r in mine)
-            for setting in series:
+            for setting in dict.fromkeys(_setting(r) for r in mine):
                 points = {
                     r["spec"]: r["top1"]
                     for r in mine
@@ -62,16 +71,20 @@ def accuracy_vs_bits(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
                 xs = [k for k, spec in enumerate(specs) if spec in points]
                 if not xs:
                     continue
-                label = " + ".join(part for part in setting if part not in ("none", "plain"))
-                axis.plot(xs, [points[specs[k]] for k in xs], marker="o", label=label)
-            axis.axhline(mine[0]["fp32_top1"], color="grey", linestyle="--", label="FP32")
+                values = [points[specs[k]] for k in xs]
+                axis.plot(xs, values, marker="o", color=colours[setting])
+            axis.axhline(mine[0]["fp32_top1"], color="grey", linestyle="--")
             axis.set_xticks(range(len(specs)), specs)
             axis.set_title(f"{model}: {toolkit}", fontsize=10)
             axis.grid(alpha=0.3)
             if j == 0:
                 axis.set_ylabel("top-1 (%)")
-        axes[i][-1].legend(fontsize=8, loc="lower left")
-    figure.tight_layout()
+    lines = [
+        plt.Line2D([], [], color=colour, marker="o", label=_label(setting))
+        for setting, colour in colours.items()
+    ]
+    lines.append(plt.Line2D([], [], color="grey", linestyle="--", label="FP32"))
+    figure.legend(handles=lines, loc="outside lower center", ncol=min(len(lines), 4), fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
