@@ -207,7 +207,13 @@ def render() -> str:
             if c["method"] != "none"
         ]
         if costs:
-            out.append("\n### Cost\n\n" + markdown_table(costs, list(costs[0]), digits=3))
+            out.append(
+                "\n### Cost\n\n"
+                "Times are indicative: most cells ran beside other work on the 2-core machine "
+                "(the 1-thread cells two grids at a time). The 2-thread fx genie W4A4 cell of "
+                "resnet20_fmnist, which the pipeline target uses, ran alone.\n\n"
+                + markdown_table(costs, list(costs[0]), digits=3)
+            )
         pipelines = pipeline_rows(mine)
         if pipelines:
             out.append(
