@@ -3,7 +3,7 @@ from torch import nn
 
 from zsq_plugins import zoo
 from zsq_plugins.quant.fold import fold_batchnorm
-from zsq_plugins.reconstruction.blocks import BlockKind, find_blocks
+from zsq_plugins.reconstruction.blocks import BlockKind, find_blocks, output_points
 
 
 def _graph(name: str):
@@ -56,3 +56,21 @@ def test_layer_granularity_and_user_predicate():
     assert [b.kind for b in stages[1:3]] == [BlockKind.USER, BlockKind.USER]
     assert len(stages[1].layers) == 6 and len(stages[2].layers) == 7
     assert [b.kind for b in stages[3:6]] == [BlockKind.RESIDUAL] * 3  # stages.2 is unaffected
+
+
+@pytest.mark.parametrize("name", ["resnet20_fmnist", "mobilenetv2_fmnist", "vgg_nobn_fmnist"])
+def test_block_by_block_the_output_point_is_the_next_block(name):
+    graph = _graph(name)
+    blocks = find_blocks(graph)
+    assert output_points(graph, blocks) == [b.layers[0] for b in blocks[1:]] + [None]
+
+
+def test_layer_by_layer_the_output_point_is_a_layer_that_reads_it():
+    graph = _graph("resnet20_fmnist")
+    layers = find_blocks(graph, granularity="layer")
+    points = dict(zip((b.layers[0] for b in layers), output_points(graph, layers), strict=True))
+    # The projection shortcut runs after conv2 but reads the block's input, not conv2's output.
+    assert points["stages.1.0.conv1.0"] == "stages.1.0.conv2.0"
+    assert points["stages.1.0.conv2.0"] == "stages.1.1.conv1.0"
+    assert points["stages.1.0.shortcut.0"] == "stages.1.1.conv1.0"
+    assert points["fc"] is None

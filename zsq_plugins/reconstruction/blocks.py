@@ -138,6 +138,32 @@ def _unique_names(blocks: list[Block]) -> list[Block]:
     ]
 
 
+def output_points(graph_module: torch.fx.GraphModule, blocks: list[Block]) -> list[str | None]:
+    """Where each block's output is compared with the FP model's: the input of the first later
+    block's first layer that depends on the block (None: the model's output). In execution
+    order the next block is not always that one: layer by layer, a residual block's projection
+    shortcut runs after its second conv but reads the block's input, so the second conv's
+    output would be compared at a tensor it does not change."""
+    by_name = {node.name: node for node in graph_module.graph.nodes}
+    first_layer_node = {
+        str(node.target): node for node in graph_module.graph.nodes if node.op == "call_module"
+    }
+    points: list[str | None] = []
+    for index, block in enumerate(blocks):
+        last = by_name[block.nodes[-1]]
+        points.append(
+            next(
+                (
+                    later.layers[0]
+                    for later in blocks[index + 1 :]
+                    if later.layers and last in _ancestors(first_layer_node[later.layers[0]])
+                ),
+                None,
+            )
+        )
+    return points
+
+
 def find_blocks(
     graph_module: torch.fx.GraphModule,
     granularity: Granularity | str = Granularity.BLOCK,

@@ -2,7 +2,8 @@
 
 For each block (blocks.py), in order:
 1. targets: the BN-folded FP model's value where the block's output is consumed (the input of
-   the next block's first layer; the logits for the last block), on every calibration image;
+   the first later block's first layer that reads it, blocks.output_points; the logits for
+   the last block), on every calibration image;
 2. the block's weight quantizers are overridden by AdaRound's soft rounding (with a learned
    step for Genie-M), its activation quantizers by LSQ learned steps, with QDrop's random
    dropping of activation quantization while learning;
@@ -35,7 +36,7 @@ from zsq_plugins.capture import capture_at, float_weights, run_to
 from zsq_plugins.quant.clipping import clip_activations
 from zsq_plugins.quant.fold import fold_batchnorm
 from zsq_plugins.reconstruction.block_inputs import BlockInputCache, BlockRunner
-from zsq_plugins.reconstruction.blocks import Block, find_blocks
+from zsq_plugins.reconstruction.blocks import Block, find_blocks, output_points
 from zsq_plugins.reconstruction.config import ReconstructionConfig
 from zsq_plugins.reconstruction.rounding import AdaRoundWeight, LSQActivation
 
@@ -267,6 +268,7 @@ def reconstruct(
     images = images.to(device)  # runs where the toolkit's model lives (CPU or a GPU)
     folded = fold_batchnorm(fp_model).to(device)
     blocks = find_blocks(folded, config.granularity)
+    points = output_points(folded, blocks)
     generator = torch.Generator().manual_seed(seed)
     quantized.model.eval()
     started = time.perf_counter()
@@ -278,7 +280,7 @@ def reconstruct(
         total=config.iterations * len(blocks), desc="reconstruct", unit="step", disable=not progress
     ) as bar:
         for index, block in enumerate(blocks):
-            point = _first_layer(blocks[index + 1]) if index + 1 < len(blocks) else None
+            point = points[index]
             with torch.no_grad(), capture_at(folded, point) as store:
                 targets = torch.cat(
                     [
