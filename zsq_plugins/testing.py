@@ -229,8 +229,8 @@ def check_handles_describe_the_quantizers(adapter: Adapter) -> None:
         torch.testing.assert_close(y2, expected_output(handle, x2), rtol=1e-5, atol=1e-6)
         _require(not torch.allclose(y2, y), f"set_scale did not change {handle!r}'s output")
     narrow = QuantSpec(weight_bits=4, act_bits=4, weight_narrow_range=True)
-    for spec in (QuantSpec.parse("W4A4"), narrow):
-        quantized, data = quantize_tiny(adapter, tiny_model("relu"), spec)
+    full = (quantized, data)  # the model above, on the full grid
+    for quantized, data in (full, quantize_tiny(adapter, tiny_model("relu"), narrow)):
         handle = next(h for h in quantized.weight_handles() if h.bits == 4)
         handle.set_scale(handle.scale() * 0.2)
         x, y = quantizer_io(handle, _run(quantized, data[1]))

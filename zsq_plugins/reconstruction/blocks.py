@@ -144,23 +144,16 @@ def output_points(graph_module: torch.fx.GraphModule, blocks: list[Block]) -> li
     order the next block is not always that one: layer by layer, a residual block's projection
     shortcut runs after its second conv but reads the block's input, so the second conv's
     output would be compared at a tensor it does not change."""
-    by_name = {node.name: node for node in graph_module.graph.nodes}
-    first_layer_node = {
-        str(node.target): node for node in graph_module.graph.nodes if node.op == "call_module"
-    }
+    nodes = list(graph_module.graph.nodes)
+    by_name = {node.name: node for node in nodes}
+    layer_node = {str(node.target): node for node in nodes if node.op == "call_module"}
+    # What each block's first layer reads, traversed once per block rather than once per pair.
+    reads = [_ancestors(layer_node[b.layers[0]]) if b.layers else set() for b in blocks]
     points: list[str | None] = []
     for index, block in enumerate(blocks):
         last = by_name[block.nodes[-1]]
-        points.append(
-            next(
-                (
-                    later.layers[0]
-                    for later in blocks[index + 1 :]
-                    if later.layers and last in _ancestors(first_layer_node[later.layers[0]])
-                ),
-                None,
-            )
-        )
+        later = (j for j in range(index + 1, len(blocks)) if last in reads[j])
+        points.append(next((blocks[j].layers[0] for j in later), None))
     return points
 
 
