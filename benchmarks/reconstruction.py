@@ -29,6 +29,7 @@ from synthetic_cache import cached_synthesize
 from zsq_plugins import QuantSpec, apply, evaluate, zoo
 from zsq_plugins.compare import spec_order
 from zsq_plugins.datasets import calibration_subset, fashion_mnist
+from zsq_plugins.reconstruction import RECONSTRUCTIONS
 from zsq_plugins.reporting import (
     environment_footer,
     environment_info,
@@ -93,6 +94,7 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
         "data_s": round(data_s, 2),
         "timings_s": report.timings_s,
         "max_fidelity": max((b.fidelity for b in blocks), default=None),
+        "reconstruction_config": report.reconstruction.config if report.reconstruction else None,
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "environment": environment_info(),
     }
@@ -130,12 +132,23 @@ def main() -> None:
     write_text_atomic(RESULTS / "reconstruction.md", render())
 
 
+def current_config(method: str, budget: str) -> dict[str, Any] | None:
+    """The configuration a cell of ``method`` runs with now; a finished cell that recorded a
+    different one (a changed preset or default) is stale."""
+    if method == "none":
+        return None
+    return RECONSTRUCTIONS.get(method).config(budget).to_dict()
+
+
 def run_grid_cell(args, model, spec, toolkit, source, method) -> None:
     name = cell_name(model, spec, toolkit, source, method, args.budget)
     path = CELLS / f"{name}.json"
     if path.is_file():
-        log.info("skip %s (done)", name)
-        return
+        stored = json.loads(path.read_text()).get("reconstruction_config")
+        if stored == current_config(method, args.budget):
+            log.info("skip %s (done)", name)
+            return
+        log.info("%s was run with another reconstruction config: running it again", name)
     command = [
         sys.executable,
         __file__,
@@ -170,11 +183,26 @@ def run_grid_cell(args, model, spec, toolkit, source, method) -> None:
     write_json(path, json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+def is_current(cell: dict[str, Any]) -> bool:
+    return cell.get("reconstruction_config") == current_config(cell["method"], cell["budget"])
+
+
 def render() -> str:
-    cells = [json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))]
+    everything = [json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))]
+    cells = [c for c in everything if is_current(c)]
+    stale = [c for c in everything if not is_current(c)]
     out = ["# Reconstruction benchmark (generated)\n\n"]
+    if stale:
+        names = ", ".join(
+            cell_name(c["model"], c["spec"], c["toolkit"], c["source"], c["method"], c["budget"])
+            for c in stale
+        )
+        out.append(
+            f"Left out: {len(stale)} cell(s) run with an older configuration of their preset, "
+            f"to be run again ({names}).\n\n"
+        )
     if not cells:
-        return out[0] + "No cell has been run yet.\n"
+        return "".join(out) + "No cell has been run yet.\n"
     out.append(
         "Top-1 (%) on the 10k Fashion-MNIST test set after calibration (`none`) and "
         "after each reconstruction preset, per toolkit; 1024 calibration images.\n"

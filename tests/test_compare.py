@@ -122,6 +122,38 @@ def test_grid_resumes_and_refuses_another_protocol(tmp_path, monkeypatch):
         run_grid(small(num_samples=64), tmp_path, progress=False, plots=False)
 
 
+def test_cell_reconstructed_with_a_changed_preset_runs_again(tmp_path, monkeypatch):
+    calls = []
+    current = compare.reconstruction_config(Cell("m", "fx", "real", "W4A4", "genie-m"), small())
+
+    def fake_cell(cell, config, images, test, progress, fp32):
+        calls.append(cell.key)
+        return {
+            **cell.__dict__,
+            "top1": 90.0,
+            "fp32_top1": 93.92,
+            "num_test": 200,
+            "timings_s": {},
+            "reconstruction_config": current if cell.reconstruct == "genie-m" else None,
+        }
+
+    monkeypatch.setattr(compare, "run_cell", fake_cell)
+    monkeypatch.setattr(compare, "calibration_images", lambda *a, **k: None)
+    monkeypatch.setattr(compare, "evaluation_data", lambda *a, **k: None)
+    monkeypatch.setattr(compare, "fp32_top1", lambda *a, **k: 93.0)
+    config = small(specs=["W4A4"], reconstruct=["none", "genie-m"])
+    run_grid(config, tmp_path, progress=False, plots=False)
+    assert len(calls) == 2
+    run_grid(config, tmp_path, progress=False, plots=False)
+    assert len(calls) == 2  # both finished with today's configuration
+    stale = tmp_path / "cells" / "resnet20_fmnist__fx__real__W4A4__genie-m.json"
+    result = json.loads(stale.read_text())
+    result["reconstruction_config"] = {**current, "init_weight_steps": False}
+    stale.write_text(json.dumps(result))
+    run_grid(config, tmp_path, progress=False, plots=False)
+    assert calls[2:] == ["resnet20_fmnist__fx__real__W4A4__genie-m"]
+
+
 def test_adversarial_data_are_made_per_toolkit_and_spec(tmp_path, monkeypatch):
     fetched = []
 

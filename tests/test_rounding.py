@@ -80,6 +80,19 @@ def test_lsq_activation_matches_fake_quant_and_learns_its_step():
     assert lsq.scale.grad is not None and lsq.scale.grad.abs() > 0
 
 
+def test_lsq_forward_uses_its_step_exactly():
+    # LSQ's gradient scaling must not perturb the forward step by even one ulp: the written-back
+    # step must reproduce the routine's output bit for bit in the toolkit (fidelity 0), and an
+    # activation near a rounding tie would otherwise land one level off
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        scale = torch.rand(1, generator=generator) * 0.1 + 1e-3
+        channels = int(torch.randint(1, 64, (1,), generator=generator))
+        x = torch.rand(2, channels, 3, 3, generator=generator)
+        lsq = LSQActivation(scale, torch.zeros(1), 0, 15)
+        assert torch.equal(lsq(x), fake_quantize(x, lsq.scale.detach(), torch.zeros(1), 0, 15))
+
+
 def test_config_validation_and_round_trip():
     config = ReconstructionConfig(drop_probability=0.5, weight_scale_lr=1e-4)
     assert ReconstructionConfig.from_dict(config.to_dict()) == config

@@ -27,6 +27,7 @@ else:  # pragma: no cover - Python 3.10
 
 from zsq_plugins.configio import Budget, to_json_dict
 from zsq_plugins.errors import CacheMismatchError, ZSQError
+from zsq_plugins.reconstruction.presets import RECONSTRUCTIONS
 from zsq_plugins.reporting import (
     environment_footer,
     environment_info,
@@ -342,7 +343,15 @@ def run_cell(
             if reconstruction is not None
             else None
         ),
+        "reconstruction_config": reconstruction.config if reconstruction is not None else None,
     }
+
+
+def reconstruction_config(cell: Cell, config: GridConfig) -> dict[str, Any] | None:
+    """The configuration ``cell``'s reconstruction runs with now (None without one)."""
+    if cell.reconstruct == NO_RECONSTRUCTION:
+        return None
+    return RECONSTRUCTIONS.get(cell.reconstruct).config(config.reconstruct_budget).to_dict()
 
 
 class GridResults:
@@ -373,10 +382,19 @@ class GridResults:
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text())
+            result = json.loads(path.read_text())
         except json.JSONDecodeError:
             log.warning("%s is damaged; the cell runs again", path)
             return None
+        if result.get("reconstruction_config") != reconstruction_config(cell, self.config):
+            log.warning(
+                "%s was reconstructed with another configuration of %r (its preset or a default "
+                "changed since); the cell runs again",
+                path,
+                cell.reconstruct,
+            )
+            return None
+        return result
 
     def record(self, cell: Cell, result: dict[str, Any]) -> None:
         write_json(self.path(cell), result)

@@ -53,6 +53,13 @@ class ReconstructionConfig:
     (zsq_plugins.quant.clipping) instead of the toolkit's calibrated range, as BRECQ and
     QDrop initialize activation steps by an MSE search; a toolkit's min-max range at 4 bits
     is far from it, and learned steps move too little in a short budget to make up for it."""
+    init_weight_steps: bool = True
+    """Start every weight quantizer from the per-channel step that minimizes its weights' L_2.4
+    rounding error (zsq_plugins.quant.weight_clipping) instead of the toolkit's min-max step,
+    as BRECQ and QDrop initialize weight steps by an error search. The toolkits' own steps
+    differ (a channel's max|w| on 7, 7.5 or 8 steps at 4 bits; 1, 1.5 or 2 at 2 bits), a
+    rounding-only preset cannot move them, and Genie-M's learned step moves too little in a
+    short budget: without the search, the toolkit's calibration rule decides the result."""
     block_inputs: BlockInputCache = BlockInputCache.MEMORY
     """Where the quantized prefix's output (the block's input) is kept while a block learns:
     ``memory``, ``disk`` (a memory-mapped temporary file) or ``off`` (the prefix runs on every

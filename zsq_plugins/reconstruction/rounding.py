@@ -81,7 +81,8 @@ class LSQActivation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # LSQ scales the step's gradient by 1 / sqrt(numel * qmax) for stable learning.
         factor = 1.0 / (x.numel() / x.shape[0] * self.quant_max) ** 0.5
-        scale = self.scale * factor + (self.scale - self.scale * factor).detach()
+        scaled_grad = self.scale * factor
+        scale = self.scale.detach() + (scaled_grad - scaled_grad.detach())
         scaled = x * (1.0 / scale) if self.reciprocal else x / scale  # the toolkit's arithmetic
         levels = torch.clamp(round_ste(scaled) + self.zero_point, self.quant_min, self.quant_max)
         return (levels - self.zero_point) * scale

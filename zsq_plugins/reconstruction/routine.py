@@ -35,6 +35,7 @@ from zsq_plugins.adapter import QuantizedModel
 from zsq_plugins.capture import capture_at, float_weights, run_to
 from zsq_plugins.quant.clipping import clip_activations
 from zsq_plugins.quant.fold import fold_batchnorm
+from zsq_plugins.quant.weight_clipping import init_weight_steps
 from zsq_plugins.reconstruction.block_inputs import BlockInputCache, BlockRunner
 from zsq_plugins.reconstruction.blocks import Block, find_blocks, output_points
 from zsq_plugins.reconstruction.config import ReconstructionConfig
@@ -275,6 +276,13 @@ def reconstruct(
     if config.init_act_ranges:
         changed = clip_activations(quantized, images, seed=seed)
         log.info("activation ranges initialized by MSE search: %d changed", len(changed))
+    if config.init_weight_steps:
+        steps = init_weight_steps(quantized, images[:1])
+        log.info(
+            "weight steps initialized by L_p search: %d of %d channels changed",
+            sum(r.changed for r in steps),
+            sum(r.channels for r in steps),
+        )
     reports = []
     with tqdm(
         total=config.iterations * len(blocks), desc="reconstruct", unit="step", disable=not progress
