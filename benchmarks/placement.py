@@ -1,0 +1,155 @@
+"""Placement ablation: is a toolkit gap after reconstruction the routine's or the graph's?
+
+    python benchmarks/placement.py --specs W3A3 --sources real genie
+
+The toolkits do not quantize the same tensors. Brevitas (layerwise) quantizes only the inputs
+of conv and linear layers; torch.ao FX also quantizes each residual branch before its
+addition, the input of global pooling and the logits. This runs the reconstruction
+benchmark's fx genie-m cell again with fx's other activation quantizers switched off through
+the handles (each one whose output reaches no conv or linear layer directly), so that fx
+quantizes the tensors Brevitas does, and tabulates it beside the three toolkits' own cells
+(docs/results/reconstruction/cells/). Writes docs/results/reconstruction/placement.json and
+placement.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from typing import Any
+
+import torch
+from reconstruction import CELLS, RESULTS, ROOT, cell_name, current_config
+from synthetic_cache import cached_synthesize
+from torch import nn
+
+from zsq_plugins import QuantSpec, apply, evaluate, zoo
+from zsq_plugins.adapter import QuantizedModel
+from zsq_plugins.datasets import calibration_subset, fashion_mnist
+from zsq_plugins.reconstruction import RECONSTRUCTIONS
+from zsq_plugins.reconstruction.routine import reconstruct
+from zsq_plugins.reporting import (
+    environment_footer,
+    environment_info,
+    markdown_table,
+    write_json,
+    write_text_atomic,
+)
+
+MODEL = "resnet20_fmnist"
+OUT = RESULTS / "reconstruction" / "placement.json"
+log = logging.getLogger("benchmarks.placement")
+
+
+def quantizers_off_layer_inputs(quantized: QuantizedModel) -> list[str]:
+    """Switches off every enabled activation quantizer of an fx model whose output feeds no
+    conv or linear layer directly; returns their layers."""
+    graph_module = quantized.model
+    modules = dict(graph_module.named_modules())
+    nodes = {n.target: n for n in graph_module.graph.nodes if n.op == "call_module"}
+    switched = []
+    for handle in quantized.activation_handles():
+        name = next(k for k, m in modules.items() if m is handle.module)
+        users = nodes[name].users
+        feeds_layer = any(
+            u.op == "call_module" and isinstance(modules[u.target], nn.Conv2d | nn.Linear)
+            for u in users
+        )
+        if handle.enabled and not feeds_layer:
+            handle.set_enabled(False)
+            switched.append(handle.layer)
+    return switched
+
+
+def run(spec: str, source: str, threads: int) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    if source == "real":
+        images = calibration_subset(1024, seed=0)
+    else:
+        folder = ROOT / ".cache" / "synthetic"
+        images = cached_synthesize(folder, MODEL, source, 1024, 0, "cpu", False).images
+    started = time.perf_counter()
+    _, report = apply(zoo.load(MODEL), "fx", QuantSpec.parse(spec), data=images, progress=False)
+    switched = quantizers_off_layer_inputs(report.quantized)
+    low_bit = [h for h in report.quantized.activation_handles() if h.enabled]
+    config = RECONSTRUCTIONS.get("genie-m").config("cpu")
+    reconstruct(report.quantized, zoo.load(MODEL), images, config, progress=False)
+    top1 = evaluate(report.quantized.model, fashion_mnist("test"), progress=False).top1
+    return {
+        "spec": spec,
+        "source": source,
+        "switched_off": switched,
+        "activation_quantizers": len(low_bit),
+        "top1": top1,
+        "seconds": round(time.perf_counter() - started, 1),
+        "reconstruction_config": config.to_dict(),
+        "environment": environment_info(),
+    }
+
+
+def toolkit_cell(spec: str, source: str, toolkit: str) -> float | None:
+    path = CELLS / f"{cell_name(MODEL, spec, toolkit, source, 'genie-m', 'cpu')}.json"
+    if not path.is_file():
+        return None
+    cell = json.loads(path.read_text())
+    return (
+        cell["top1"]
+        if cell.get("reconstruction_config") == current_config("genie-m", "cpu")
+        else None
+    )
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in results:
+        row = {"spec": r["spec"], "data": r["source"]}
+        for toolkit in ("fx", "nncf", "brevitas"):
+            row[toolkit] = toolkit_cell(r["spec"], r["source"], toolkit)
+        row["fx, conv/linear inputs only"] = r["top1"]
+        row["quantizers switched off"] = len(r["switched_off"])
+        rows.append(row)
+    return (
+        "# Quantizer placement ablation (generated)\n\n"
+        f"{MODEL}, genie-m (cpu budget), top-1 (%) on the 10k test set. The first three "
+        "columns are the reconstruction benchmark's cells, each toolkit quantizing the tensors "
+        "it chooses; the fourth is fx with every activation quantizer whose output feeds no "
+        "conv or linear layer switched off (residual branches before their addition, the "
+        "input of global pooling, the logits), the tensors Brevitas quantizes. Command: "
+        "`python benchmarks/placement.py`.\n\n"
+        + markdown_table(rows, list(rows[0]))
+        + "\nSwitched off in fx: "
+        + ", ".join(results[0]["switched_off"])
+        + ".\n"
+        + environment_footer(results[0]["environment"])
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--specs", nargs="+", default=["W3A3"])
+    parser.add_argument("--sources", nargs="+", default=["real", "genie"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stored = json.loads(OUT.read_text()) if OUT.is_file() else []
+    results = {(r["spec"], r["source"]): r for r in stored}
+    if not args.render_only:
+        for spec in args.specs:
+            for source in args.sources:
+                if (spec, source) in results:
+                    log.info("skip %s %s (done)", spec, source)
+                    continue
+                log.info("run %s %s", spec, source)
+                results[(spec, source)] = run(spec, source, args.threads)
+                write_json(OUT, list(results.values()))
+    if results:
+        text = render(list(results.values()))
+        write_text_atomic(OUT.with_suffix(".md"), text)
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
