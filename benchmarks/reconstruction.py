@@ -238,8 +238,13 @@ def render() -> str:
             out.append(
                 "\n### Cost\n\n"
                 "Times are indicative: most cells ran beside other work on the 2-core machine "
-                "(the 1-thread cells two grids at a time). The 2-thread fx genie W4A4 cell of "
-                "resnet20_fmnist, which the pipeline target uses, ran alone.\n\n"
+                "(the 1-thread cells two grids at a time)."
+                + (
+                    " The 2-thread cells, which the pipeline target uses, ran alone."
+                    if any(c["threads"] == 2 for c in costs)
+                    else ""
+                )
+                + "\n\n"
                 + markdown_table(costs, list(costs[0]), digits=3)
             )
         pipelines = pipeline_rows(mine)
