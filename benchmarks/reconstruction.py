@@ -207,7 +207,11 @@ def render() -> str:
         "Top-1 (%) on the 10k Fashion-MNIST test set after calibration (`none`) and "
         "after each reconstruction preset, per toolkit; 1024 calibration images.\n"
     )
-    methods = list(dict.fromkeys(c["method"] for c in cells))
+    order = ["none", "adaround", "brecq", "qdrop", "genie-m"]
+    methods = sorted(
+        {c["method"] for c in cells},
+        key=lambda m: (m not in order, order.index(m) if m in order else 0, m),
+    )
     for model in dict.fromkeys(c["model"] for c in cells):
         mine = [c for c in cells if c["model"] == model]
         out.append(f"\n## {model} (FP32 {mine[0]['fp32_top1']:.2f}%)\n\n")

@@ -1,4 +1,4 @@
-"""MSE-searched weight step sizes, per output channel, on the quantizer's own integer grid.
+"""Error-searched weight step sizes, per output channel, on the quantizer's own integer grid.
 
 Each toolkit calibrates its weight quantizers by its own rule: at 4 bits on the full signed
 grid, a channel's largest |w| lands on 7 steps in NNCF, 7.5 in torch.ao and 8 in Brevitas; at
