@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 import torch
-from reconstruction import CELLS, RESULTS, ROOT, cell_name, current_config
+from reconstruction import CELLS, RESULTS, ROOT, cell_name, is_current
 from synthetic_cache import cached_synthesize
 from torch import nn
 
@@ -94,11 +94,7 @@ def toolkit_cell(spec: str, source: str, toolkit: str) -> float | None:
     if not path.is_file():
         return None
     cell = json.loads(path.read_text())
-    return (
-        cell["top1"]
-        if cell.get("reconstruction_config") == current_config("genie-m", "cpu")
-        else None
-    )
+    return cell["top1"] if is_current(cell) else None
 
 
 def render(results: list[dict[str, Any]]) -> str:

@@ -27,9 +27,8 @@ import torch
 from synthetic_cache import cached_synthesize
 
 from zsq_plugins import QuantSpec, apply, evaluate, zoo
-from zsq_plugins.compare import spec_order
+from zsq_plugins.compare import reconstruction_config, spec_order
 from zsq_plugins.datasets import calibration_subset, fashion_mnist
-from zsq_plugins.reconstruction import RECONSTRUCTIONS
 from zsq_plugins.reporting import (
     environment_footer,
     environment_info,
@@ -132,20 +131,12 @@ def main() -> None:
     write_text_atomic(RESULTS / "reconstruction.md", render())
 
 
-def current_config(method: str, budget: str) -> dict[str, Any] | None:
-    """The configuration a cell of ``method`` runs with now; a finished cell that recorded a
-    different one (a changed preset or default) is stale."""
-    if method == "none":
-        return None
-    return RECONSTRUCTIONS.get(method).config(budget).to_dict()
-
-
 def run_grid_cell(args, model, spec, toolkit, source, method) -> None:
     name = cell_name(model, spec, toolkit, source, method, args.budget)
     path = CELLS / f"{name}.json"
     if path.is_file():
         stored = json.loads(path.read_text()).get("reconstruction_config")
-        if stored == current_config(method, args.budget):
+        if stored == reconstruction_config(method, args.budget):
             log.info("skip %s (done)", name)
             return
         log.info("%s was run with another reconstruction config: running it again", name)
@@ -184,13 +175,18 @@ def run_grid_cell(args, model, spec, toolkit, source, method) -> None:
 
 
 def is_current(cell: dict[str, Any]) -> bool:
-    return cell.get("reconstruction_config") == current_config(cell["method"], cell["budget"])
+    """Whether ``cell`` was run with its preset's configuration of today."""
+    return cell.get("reconstruction_config") == reconstruction_config(
+        cell["method"], cell["budget"]
+    )
 
 
 def render() -> str:
-    everything = [json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))]
-    cells = [c for c in everything if is_current(c)]
-    stale = [c for c in everything if not is_current(c)]
+    cells: list[dict[str, Any]] = []
+    stale: list[dict[str, Any]] = []
+    for path in sorted(CELLS.glob("*.json")):
+        cell = json.loads(path.read_text())
+        (cells if is_current(cell) else stale).append(cell)
     out = ["# Reconstruction benchmark (generated)\n\n"]
     if stale:
         names = ", ".join(

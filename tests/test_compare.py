@@ -124,7 +124,7 @@ def test_grid_resumes_and_refuses_another_protocol(tmp_path, monkeypatch):
 
 def test_cell_reconstructed_with_a_changed_preset_runs_again(tmp_path, monkeypatch):
     calls = []
-    current = compare.reconstruction_config(Cell("m", "fx", "real", "W4A4", "genie-m"), small())
+    current = compare.reconstruction_config("genie-m", small().reconstruct_budget)
 
     def fake_cell(cell, config, images, test, progress, fp32):
         calls.append(cell.key)

@@ -347,11 +347,12 @@ def run_cell(
     }
 
 
-def reconstruction_config(cell: Cell, config: GridConfig) -> dict[str, Any] | None:
-    """The configuration ``cell``'s reconstruction runs with now (None without one)."""
-    if cell.reconstruct == NO_RECONSTRUCTION:
+def reconstruction_config(preset: str, budget: str) -> dict[str, Any] | None:
+    """The configuration reconstruction ``preset`` (``none``: no reconstruction, None) runs
+    with now at ``budget``; a result that recorded another one is stale."""
+    if preset == NO_RECONSTRUCTION:
         return None
-    return RECONSTRUCTIONS.get(cell.reconstruct).config(config.reconstruct_budget).to_dict()
+    return RECONSTRUCTIONS.get(preset).config(budget).to_dict()
 
 
 class GridResults:
@@ -386,7 +387,8 @@ class GridResults:
         except json.JSONDecodeError:
             log.warning("%s is damaged; the cell runs again", path)
             return None
-        if result.get("reconstruction_config") != reconstruction_config(cell, self.config):
+        current = reconstruction_config(cell.reconstruct, self.config.reconstruct_budget)
+        if result.get("reconstruction_config") != current:
             log.warning(
                 "%s was reconstructed with another configuration of %r (its preset or a default "
                 "changed since); the cell runs again",
