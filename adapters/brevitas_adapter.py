@@ -181,6 +181,9 @@ class BrevitasQuantizerHandle(HandleBase):
 
         return self._tensor_quant.register_forward_hook(replace)
 
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return self._tensor_quant.forward(x)[0]  # forward, not __call__: no override runs
+
 
 def _is_nonnegative(node: Any, modules: dict[str, nn.Module], memo: dict[Any, bool]) -> bool:
     """Whether the graph guarantees that ``node``'s value is >= 0 (conservatively)."""

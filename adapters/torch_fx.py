@@ -96,8 +96,6 @@ def _qconfig(weight_bits: int, act_bits: int, spec: QuantSpec):
 class FakeQuantizeHandle(HandleBase):
     """A torch.ao FakeQuantize seen through the QuantizerHandle protocol."""
 
-    reciprocal_scale = True  # torch's fake-quantize kernels multiply by 1 / scale
-
     @property
     def quant_min(self) -> int:
         return int(self._module.quant_min)

@@ -88,15 +88,17 @@ class QuantizerHandle(Protocol):
         ``function``: this is how the core's learned rounding and step sizes act inside the
         toolkit's own model."""
 
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """The toolkit's own quantize-dequantize of ``x`` (the quantizer's input) with the
+        quantizer's current parameters, overrides not applied. The core's learned quantizers
+        take their forward value from it, so that what they optimize is what the toolkit
+        computes to the last bit (toolkits differ in the arithmetic: ``x * (1 / s)`` or
+        ``x / s``, the zero point added before or after rounding, which decides ties)."""
+
 
 class HandleBase:
     """What every adapter's handle stores the same way: its layer, kind and quantizer module.
     Adapters subclass it and add the toolkit-specific reads and writes."""
-
-    reciprocal_scale: bool = False
-    """Whether the toolkit's kernel rounds ``x * (1 / scale)`` rather than ``x / scale``. The
-    two differ in the last bit, which decides ties (common after average pooling of values on
-    the grid), so the core's own quantizers follow the toolkit's arithmetic."""
 
     def __init__(self, layer: str, kind: QuantizerKind, module: nn.Module) -> None:
         self._layer, self._kind, self._module = layer, kind, module
@@ -127,6 +129,11 @@ class HandleBase:
             return function(args[0]) if self.enabled else output
 
         return self._module.register_forward_hook(replace)
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Default for the quantizer modules of ``override``'s default: the module's forward,
+        called directly so that no hook (no override) runs."""
+        return self._module.forward(x)
 
     def __repr__(self) -> str:
         bits = getattr(self, "bits", "?")

@@ -20,6 +20,7 @@ The built-in adapters run the same checks in tests/test_adapter_conformance.py.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,7 @@ from zsq_plugins.quant.clipping import clip_activations
 from zsq_plugins.quant.fakequant import fake_quantize
 from zsq_plugins.quant.fold import fold_batchnorm
 from zsq_plugins.reconstruction.config import ReconstructionConfig
+from zsq_plugins.reconstruction.rounding import LSQActivation
 from zsq_plugins.reconstruction.routine import reconstruct
 from zsq_plugins.spec import QuantSpec
 from zsq_plugins.zoo._layers import Normalize
@@ -314,6 +316,43 @@ def check_override_acts_only_while_enabled(adapter: Adapter) -> None:
             remover.remove()
 
 
+def _ties(handle: QuantizerHandle) -> torch.Tensor:
+    """The midpoints between the handle's activation levels and their float neighbours: the
+    inputs whose rounding depends on the toolkit's arithmetic to the last bit."""
+    step, zero_point = handle.scale()[:1], handle.zero_point()[:1].float()
+    levels = torch.arange(handle.quant_min, handle.quant_max).float()
+    middle = (levels - zero_point + 0.5) * step
+    above = below = middle
+    points = [middle]
+    for _ in range(3):
+        above = torch.nextafter(above, torch.full_like(above, math.inf))
+        below = torch.nextafter(below, torch.full_like(below, -math.inf))
+        points += [above, below]
+    return torch.cat(points)
+
+
+def check_learned_steps_quantize_like_the_toolkit(adapter: Adapter) -> None:
+    """With a new step written through its handle, each activation quantizer's
+    ``fake_quantize`` and the routine's learned quantizer (LSQActivation) give what the
+    toolkit's own quantizer gives, bit for bit, at rounding ties too."""
+    quantized, data = quantize_tiny(adapter, tiny_model("relu6"), QuantSpec.parse("W4A4"))
+    handles = [h for h in quantized.activation_handles() if h.enabled]
+    inputs = [quantizer_io(h, _run(quantized, data[1]))[0] for h in handles]
+    for handle, seen in zip(handles, inputs, strict=True):
+        handle.set_scale(handle.scale() * 0.83)  # as if learned
+        lsq = LSQActivation(
+            handle.scale(), handle.zero_point(), handle.quant_min, handle.quant_max,
+            handle.fake_quantize,
+        )  # fmt: skip
+        x = torch.cat([seen.flatten(), _ties(handle)]).reshape(1, -1, 1, 1)
+        with torch.no_grad():
+            own = unwrap(handle.module(x))
+            _require(torch.equal(handle.fake_quantize(x), own), f"{handle!r}: fake_quantize")
+            learned = lsq(x)
+        wrong = int((learned != own).sum())
+        _require(wrong == 0, f"{handle!r}: LSQActivation differs from the toolkit on {wrong}")
+
+
 def check_accurate_activation_clipping(adapter: Adapter) -> None:
     """AAC's ranges land on the toolkit's own quantizers, which then compute with them."""
     quantized, data = quantize_tiny(adapter, tiny_model("relu6"), QuantSpec.parse("W4A3"))
@@ -408,6 +447,7 @@ CHECKS: tuple[Callable[[Adapter], None], ...] = (
     check_identity_overrides_give_fp32_back,
     check_gradients_reach_overrides,
     check_override_acts_only_while_enabled,
+    check_learned_steps_quantize_like_the_toolkit,
     check_accurate_activation_clipping,
     check_adaptive_bn,
     check_reconstruction_lands_on_the_grid,

@@ -154,15 +154,19 @@ def reconstruct_block(
     ]
     steps = [
         LSQActivation(
-            h.scale(),
-            h.zero_point(),
-            h.quant_min,
-            h.quant_max,
-            getattr(h, "reciprocal_scale", False),
+            h.scale(), h.zero_point(), h.quant_min, h.quant_max, getattr(h, "fake_quantize", None)
         )
         for h in act_handles
     ]
+    step_shapes = [h.scale().shape for h in act_handles]
     training = {"on": True}
+
+    def write_steps() -> None:
+        """Puts the learned steps in the toolkit's quantizers, as the write-back will: each
+        LSQActivation takes its forward value from the toolkit's quantizer (rounding.py)."""
+        with torch.no_grad():
+            for handle, lsq, shape in zip(act_handles, steps, step_shapes, strict=True):
+                handle.set_scale(lsq.scale.detach().reshape(shape))
 
     def activation(lsq: LSQActivation):
         def quantize(x: torch.Tensor) -> torch.Tensor:
@@ -213,6 +217,8 @@ def reconstruct_block(
                 optimizer.step()
                 for parameter in scale_params:  # a step size must stay positive
                     parameter.data.clamp_(min=1e-8)
+                if config.learn_act_scales:
+                    write_steps()
                 if step == 0:
                     initial = reconstruction
                 final = reconstruction
@@ -235,8 +241,7 @@ def reconstruct_block(
             handle.set_scale(rounding.scale.detach().flatten())
             weight.copy_(rounding(hard=True).reshape(weight.shape).to(weight))
         if config.learn_act_scales:
-            for handle, lsq in zip(act_handles, steps, strict=True):
-                handle.set_scale(lsq.scale.detach().reshape(handle.scale().shape))
+            write_steps()
         with capture_at(model, point) as store:
             native_output = run_to(model, probe, store)
     fidelity = float((native_output - routine_output).abs().max())
