@@ -75,7 +75,7 @@ def run(spec: str, source: str, threads: int) -> dict[str, Any]:
     switched = quantizers_off_layer_inputs(report.quantized)
     low_bit = [h for h in report.quantized.activation_handles() if h.enabled]
     config = RECONSTRUCTIONS.get("genie-m").config("cpu")
-    reconstruct(report.quantized, zoo.load(MODEL), images, config, progress=False)
+    recorded = reconstruct(report.quantized, zoo.load(MODEL), images, config, progress=False).config
     top1 = evaluate(report.quantized.model, fashion_mnist("test"), progress=False).top1
     return {
         "spec": spec,
@@ -84,7 +84,7 @@ def run(spec: str, source: str, threads: int) -> dict[str, Any]:
         "activation_quantizers": len(low_bit),
         "top1": top1,
         "seconds": round(time.perf_counter() - started, 1),
-        "reconstruction_config": config.to_dict(),
+        "reconstruction_config": recorded,
         "environment": environment_info(),
     }
 

@@ -28,6 +28,7 @@ else:  # pragma: no cover - Python 3.10
 from zsq_plugins.configio import Budget, to_json_dict
 from zsq_plugins.errors import CacheMismatchError, ZSQError
 from zsq_plugins.reconstruction.presets import RECONSTRUCTIONS
+from zsq_plugins.reconstruction.routine import ROUTINE_REVISION
 from zsq_plugins.reporting import (
     environment_footer,
     environment_info,
@@ -349,10 +350,12 @@ def run_cell(
 
 def reconstruction_config(preset: str, budget: str) -> dict[str, Any] | None:
     """The configuration reconstruction ``preset`` (``none``: no reconstruction, None) runs
-    with now at ``budget``; a result that recorded another one is stale."""
+    with now at ``budget``, and the routine's revision; a result that recorded another one
+    is stale."""
     if preset == NO_RECONSTRUCTION:
         return None
-    return RECONSTRUCTIONS.get(preset).config(budget).to_dict()
+    config = RECONSTRUCTIONS.get(preset).config(budget).to_dict()
+    return {**config, "routine_revision": ROUTINE_REVISION}
 
 
 class GridResults:

@@ -439,6 +439,21 @@ def check_reconstruction_lands_on_the_grid(adapter: Adapter) -> None:
         torch.testing.assert_close(weight, (levels - zero_point) * scale, atol=1e-6, rtol=1e-5)
 
 
+def check_reconstruction_learns_every_activation_quantizer(adapter: Adapter) -> None:
+    """Every enabled activation quantizer gets a learned step from the routine, whatever the
+    toolkit names it and wherever it places it (a ReLU's output, a layer's input, a residual
+    branch, the logits)."""
+    quantized, data = quantize_tiny(adapter, tiny_model("relu6"), QuantSpec.parse("W4A4"))
+    handles = [h for h in quantized.activation_handles() if h.enabled]
+    before = [h.scale().clone() for h in handles]
+    config = ReconstructionConfig(
+        iterations=20, batch_size=16, init_act_ranges=False, init_weight_steps=False
+    )
+    reconstruct(quantized, tiny_model("relu6"), torch.cat(data), config, progress=False)
+    fixed = [h.layer for h, old in zip(handles, before, strict=True) if torch.equal(h.scale(), old)]
+    _require(not fixed, f"activation steps not learned: {fixed}")
+
+
 CHECKS: tuple[Callable[[Adapter], None], ...] = (
     check_spec_is_honoured,
     check_switched_off_equals_folded_fp32,
@@ -451,6 +466,7 @@ CHECKS: tuple[Callable[[Adapter], None], ...] = (
     check_accurate_activation_clipping,
     check_adaptive_bn,
     check_reconstruction_lands_on_the_grid,
+    check_reconstruction_learns_every_activation_quantizer,
 )
 """Every conformance check, in the order ``check_adapter`` runs them."""
 

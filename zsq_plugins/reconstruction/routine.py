@@ -5,8 +5,9 @@ For each block (blocks.py), in order:
    the first later block's first layer that reads it, blocks.output_points; the logits for
    the last block), on every calibration image;
 2. the block's weight quantizers are overridden by AdaRound's soft rounding (with a learned
-   step for Genie-M), its activation quantizers by LSQ learned steps, with QDrop's random
-   dropping of activation quantization while learning;
+   step for Genie-M), its activation quantizers (those that run from its first layer to the
+   next block's, assignment.py) by LSQ learned steps, with QDrop's random dropping of
+   activation quantization while learning;
 3. minibatches run through the *toolkit's* model, stopped right after the block's output point
    (the prefix is the already-reconstructed quantized model, as in BRECQ; its output is
    computed once per image and replayed, see block_inputs.py), and the rounding and steps
@@ -31,17 +32,25 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from zsq_plugins.adapter import QuantizedModel
+from zsq_plugins.adapter import QuantizedModel, QuantizerHandle
 from zsq_plugins.capture import capture_at, float_weights, run_to
 from zsq_plugins.quant.clipping import clip_activations
 from zsq_plugins.quant.fold import fold_batchnorm
 from zsq_plugins.quant.weight_clipping import init_weight_steps
+from zsq_plugins.reconstruction.assignment import activation_quantizers_by_block
 from zsq_plugins.reconstruction.block_inputs import BlockInputCache, BlockRunner
 from zsq_plugins.reconstruction.blocks import Block, find_blocks, output_points
 from zsq_plugins.reconstruction.config import ReconstructionConfig
 from zsq_plugins.reconstruction.rounding import AdaRoundWeight, LSQActivation
 
 log = logging.getLogger(__name__)
+
+ROUTINE_REVISION = 2
+"""Bumped when the routine's results change with its configuration unchanged, so that results
+recorded before count as stale (compare.reconstruction_config). 2: every toolkit learns the
+same activation quantizers, assigned to blocks by execution order (before, by name, which
+left out those named after modules: most ReLU outputs), and learned steps round as the
+toolkit does."""
 
 
 @dataclasses.dataclass
@@ -66,6 +75,8 @@ class ReconstructionReport:
     blocks: list[BlockReport]
     seconds: float
     config: dict
+    """The configuration it ran with (``ReconstructionConfig.to_dict()``) and the routine's
+    ``routine_revision``: what a stored result records to be recognized as current."""
 
     def to_dict(self) -> dict:
         return {
@@ -120,12 +131,13 @@ def reconstruct_block(
     targets: torch.Tensor,
     config: ReconstructionConfig,
     generator: torch.Generator,
+    act_handles: list[QuantizerHandle],
     bar: tqdm | None = None,
 ) -> BlockReport:
+    """Reconstructs one block; ``act_handles`` are the activation quantizers it learns
+    (assignment.py)."""
     model = quantized.model
-    names = set(block.layers) | set(block.nodes)
     weight_handles = [h for h in quantized.weight_handles() if h.layer in block.layers]
-    act_handles = [h for h in quantized.activation_handles() if h.layer in names and h.enabled]
     started = time.perf_counter()
     floats = float_weights(model, weight_handles, images, point)
     first = _first_layer(block)
@@ -288,6 +300,7 @@ def reconstruct(
             sum(r.changed for r in steps),
             sum(r.channels for r in steps),
         )
+    learned_activations = activation_quantizers_by_block(quantized, blocks, images[:1])
     reports = []
     with tqdm(
         total=config.iterations * len(blocks), desc="reconstruct", unit="step", disable=not progress
@@ -302,10 +315,19 @@ def reconstruct(
                     ]
                 )
             report = reconstruct_block(
-                quantized, block, point, images, targets, config, generator, bar
+                quantized,
+                block,
+                point,
+                images,
+                targets,
+                config,
+                generator,
+                learned_activations[index],
+                bar,
             )
             log.info(
                 "block %s: loss %.4g -> %.4g", block.name, report.initial_loss, report.final_loss
             )
             reports.append(report)
-    return ReconstructionReport(reports, round(time.perf_counter() - started, 3), config.to_dict())
+    recorded = {**config.to_dict(), "routine_revision": ROUTINE_REVISION}
+    return ReconstructionReport(reports, round(time.perf_counter() - started, 3), recorded)
