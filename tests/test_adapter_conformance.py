@@ -25,7 +25,7 @@ from zsq_plugins.testing import (
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
-BUILT_IN = ["brevitas", "fx", "nncf"]
+BUILT_IN = ["brevitas", "fx", "nncf", "pt2e"]
 
 # Helpers the toolkit-specific test modules share.
 _expected, _through = expected_output, quantizer_io
@@ -50,7 +50,7 @@ def test_built_in_adapters_are_registered():
 
 
 def test_unknown_toolkit_lists_the_known_ones():
-    with pytest.raises(UnknownPluginError, match=r"available: brevitas, fx, nncf"):
+    with pytest.raises(UnknownPluginError, match=r"available: brevitas, fx, nncf, pt2e"):
         get_adapter("aimet")
 
 

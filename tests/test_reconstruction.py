@@ -21,18 +21,28 @@ def _error(quantized, reference, x):
         return (quantized.model(x) - reference).pow(2).mean().item()
 
 
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_toolkit_model_reproduces_the_routine(name):
+    model = tiny_model("relu6")  # a residual block
+    quantized, data = quantize(name, model, QuantSpec.parse("W2A4"))
+    report = reconstruct(quantized, model, torch.cat(data), FAST, progress=False)
+    assert [b.name for b in report.blocks] == ["stem.0", "body.0", "fc"]
+    assert all(block.fidelity <= 1e-5 for block in report.blocks), report.blocks
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BUILT_IN)
-def test_toolkit_model_reproduces_the_routine_and_beats_plain_calibration(name):
-    model = tiny_model("relu6")
+def test_reconstruction_beats_plain_calibration(name):
+    # ReLU: plain calibration loses accuracy in every toolkit. With the ReLU6 model, PT2E's
+    # X86 recipe leaves the residual sum float, plain calibration is within 7e-5 (MSE) of
+    # FP32 already, and there is nothing for reconstruction to win.
+    model = tiny_model("relu")
     quantized, data = quantize(name, model, QuantSpec.parse("W2A4"))
     x = torch.cat(data)
     with torch.no_grad():
         reference = fold_batchnorm(model)(x)
     plain = _error(quantized, reference, x)
-    report = reconstruct(quantized, model, x, THOROUGH, progress=False)
-    assert [b.name for b in report.blocks] == ["stem.0", "body.0", "fc"]
-    assert all(block.fidelity <= 1e-5 for block in report.blocks), report.blocks
+    reconstruct(quantized, model, x, THOROUGH, progress=False)
     assert _error(quantized, reference, x) < 0.9 * plain
 
 
@@ -74,9 +84,13 @@ def test_cached_block_inputs_change_no_result(name):
         with torch.no_grad():
             outputs[cache] = quantized.model(x)
     assert not any(b.cached_inputs for b in reports["off"].blocks)
+    # The stem may learn the quantizer of its own input, which rules a cache out. PT2E's X86
+    # recipe leaves this model's skip branch float, so the residual block's sum reads a tensor
+    # that is not the one replayed: the runner must notice and recompute the prefix.
+    expected = [name != "pt2e", True]
     for cache in ("memory", "disk"):
-        # the stem may learn the quantizer of its own input, which rules a cache out
-        assert all(b.cached_inputs for b in reports[cache].blocks[1:]), reports[cache].blocks
+        cached = [b.cached_inputs for b in reports[cache].blocks[1:]]
+        assert cached == expected, reports[cache].blocks
         losses = [b.final_loss for b in reports[cache].blocks]
         assert losses == pytest.approx([b.final_loss for b in reports["off"].blocks], rel=1e-4)
         assert torch.allclose(outputs[cache], outputs["off"], atol=1e-5)

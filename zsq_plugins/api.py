@@ -108,9 +108,9 @@ def apply(
     progress: bool = True,
     **synthesis: Any,
 ) -> tuple[nn.Module, ApplyReport]:
-    """Quantizes ``model`` with ``toolkit`` (``fx``, ``nncf``, ``brevitas`` or a plugin's),
-    calibrated on ``data``: a generator preset name (synthesized for the model: zero-shot),
-    or your own Dataset, DataLoader or tensor of images.
+    """Quantizes ``model`` with ``toolkit`` (``fx``, ``pt2e``, ``nncf``, ``brevitas`` or a
+    plugin's), calibrated on ``data``: a generator preset name (synthesized for the model:
+    zero-shot), or your own Dataset, DataLoader or tensor of images.
 
     ``reconstruct`` names a reconstruction preset (``adaround``, ``brecq``, ``qdrop``,
     ``genie-m``) run on the toolkit's own model after calibration, with the same images and

@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluates it against FP32 and writes OUT/report.json (and an ONNX file with --onnx).",
     )
     quantize.add_argument("model", help="a zoo model name (see: zsq zoo)")
-    quantize.add_argument("--toolkit", default="fx", help="fx, nncf, brevitas or a plugin's")
+    quantize.add_argument("--toolkit", default="fx", help="fx, pt2e, nncf, brevitas or a plugin's")
     quantize.add_argument("--spec", default="W8A8", help="e.g. W8A8, W4A4 (default W8A8)")
     quantize.add_argument(
         "--data", default="genie", help="a generator preset, or 'real' (default genie)"
