@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from zsq_plugins.adapter import QuantizedModel, QuantizerKind
-from zsq_plugins.adapters.torch_fx import FakeQuantizeHandle
+from zsq_plugins.adapters.torch_fx import FakeQuantizeHandle, calibrate
 from zsq_plugins.quant.export import ContainerFakeQuantize
 from zsq_plugins.quant.fakequant import integer_range
 from zsq_plugins.quant.fold import float_graph
@@ -237,25 +237,6 @@ def collect_handles(
     return handles
 
 
-def calibrate(prepared: torch.fx.GraphModule, calibration: Iterable[Any]) -> int:
-    """PT2E calibration: observers on and fake quantization off over the data, then the
-    reverse; returns the number of images seen."""
-    pt2e = _pt2e().pt2e
-    prepared.apply(pt2e.enable_observer)
-    prepared.apply(pt2e.disable_fake_quant)
-    seen = 0
-    with torch.no_grad():
-        for batch in calibration:
-            images = batch[0] if isinstance(batch, tuple | list) else batch
-            prepared(images)
-            seen += len(images)
-    if seen == 0:
-        raise ValueError("the calibration data yielded no batch")
-    prepared.apply(pt2e.disable_observer)
-    prepared.apply(pt2e.enable_fake_quant)
-    return seen
-
-
 class PT2EAdapter:
     """torchao PT2E (``torch.export`` + ``prepare_pt2e`` with ``X86InductorQuantizer``)."""
 
@@ -287,8 +268,8 @@ class PT2EAdapter:
         except Exception as error:  # export's errors are many and deep; say what to do
             raise ValueError(
                 f"torch.export could not capture the model for PT2E ({type(error).__name__}: "
-                f"{error}). PT2E needs an exportable model; the fx, nncf and brevitas "
-                "toolkits do not."
+                f"{error}). PT2E needs a model that torch.export can capture; the fx, nncf "
+                "and brevitas toolkits do not use torch.export."
             ) from error
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -296,7 +277,7 @@ class PT2EAdapter:
         ns.pt2e.allow_exported_model_train_eval(prepared)
         prepared.eval()
         tapped = tap_layers(prepared)
-        images = calibrate(prepared, calibration)
+        images = calibrate(prepared, calibration, ns.pt2e)  # PT2E's own switches
         handles = collect_handles(prepared, folded)
         return QuantizedModel(
             toolkit=self.name,

@@ -21,6 +21,7 @@ import math
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -324,9 +325,14 @@ def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
             setattr(root.get_submodule(parent_name) if parent_name else root, attribute, new)
 
 
-def calibrate(prepared: nn.Module, calibration: Iterable[torch.Tensor]) -> None:
-    """torch.ao's calibration: observers on and fake quantization off over the data."""
-    ao, _ = _ao()
+def calibrate(
+    prepared: nn.Module, calibration: Iterable[torch.Tensor], switches: Any = None
+) -> int:
+    """torch.ao's calibration: observers on and fake quantization off over the data, then
+    the reverse; returns the number of images seen. ``switches`` holds the
+    ``enable_observer``/``disable_fake_quant``/... functions (default torch.ao's; torchao's
+    PT2E has its own, for its own FakeQuantize classes)."""
+    ao = switches if switches is not None else _ao()[0]
     prepared.apply(ao.enable_observer)
     prepared.apply(ao.disable_fake_quant)
     seen = 0
@@ -339,6 +345,7 @@ def calibrate(prepared: nn.Module, calibration: Iterable[torch.Tensor]) -> None:
         raise ValueError("the calibration data yielded no batch")
     prepared.apply(ao.disable_observer)
     prepared.apply(ao.enable_fake_quant)
+    return seen
 
 
 def collect_handles(prepared: torch.fx.GraphModule) -> list[FakeQuantizeHandle]:
