@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 import torch
-from reconstruction import CELLS, RESULTS, ROOT, cell_name, is_current
+from reconstruction import CELLS, RESULTS, ROOT, cell_name, is_current, is_current_placement
 from synthetic_cache import cached_synthesize
 from torch import nn
 
@@ -97,7 +97,19 @@ def toolkit_cell(spec: str, source: str, toolkit: str) -> float | None:
     return cell["top1"] if is_current(cell) else None
 
 
-def render(results: list[dict[str, Any]]) -> str:
+def render(results: list[dict[str, Any]], stale: list[dict[str, Any]]) -> str:
+    left_out = ""
+    if stale:
+        names = ", ".join(f"{r['spec']} {r['source']}" for r in stale)
+        left_out = (
+            f"\nLeft out, made with an older reconstruction routine or configuration (run "
+            f"the command again): {names}.\n"
+        )
+    if not results:
+        return (
+            "# Quantizer placement ablation (generated)\n\nNo current result. Command: "
+            f"`python benchmarks/placement.py`.\n{left_out}"
+        )
     rows = []
     for r in results:
         row = {"spec": r["spec"], "data": r["source"]}
@@ -118,6 +130,7 @@ def render(results: list[dict[str, Any]]) -> str:
         + "\nSwitched off in fx: "
         + ", ".join(results[0]["switched_off"])
         + ".\n"
+        + left_out
         + environment_footer(results[0]["environment"])
     )
 
@@ -135,14 +148,15 @@ def main() -> None:
     if not args.render_only:
         for spec in args.specs:
             for source in args.sources:
-                if (spec, source) in results:
+                if (spec, source) in results and is_current_placement(results[(spec, source)]):
                     log.info("skip %s %s (done)", spec, source)
                     continue
                 log.info("run %s %s", spec, source)
                 results[(spec, source)] = run(spec, source, args.threads)
                 write_json(OUT, list(results.values()))
     if results:
-        text = render(list(results.values()))
+        current = [r for r in results.values() if is_current_placement(r)]
+        text = render(current, [r for r in results.values() if not is_current_placement(r)])
         write_text_atomic(OUT.with_suffix(".md"), text)
         print(text)
 

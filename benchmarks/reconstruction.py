@@ -194,8 +194,8 @@ def render() -> str:
             for c in stale
         )
         out.append(
-            f"Left out: {len(stale)} cell(s) run with an older configuration of their preset, "
-            f"to be run again ({names}).\n\n"
+            f"Left out: {len(stale)} cell(s) run with an older configuration of their preset "
+            f"or an older revision of the routine, to be run again ({names}).\n\n"
         )
     if not cells:
         return "".join(out) + "No cell has been run yet.\n"
@@ -265,19 +265,33 @@ def render() -> str:
             + "\nThe toolkit spread compares each toolkit's own quantized model, and the toolkits "
             "do not quantize the same tensors (docs/adapters.md): torch.ao FX and NNCF also "
             "quantize each residual branch before its addition, Brevitas only the inputs of "
-            "conv and linear layers, so its residual sums stay float. At the lowest activation "
-            "widths that is an advantage of Brevitas' graph, not of the routine.\n"
+            "conv and linear layers, so its residual sums stay float.\n"
         )
-        if (RESULTS / "reconstruction" / "placement.md").is_file():
+        if placement_is_current():
             out.append(
                 "The [placement ablation](reconstruction/placement.md) reconstructs fx with "
-                "only the tensors Brevitas quantizes.\n"
+                "only the tensors Brevitas quantizes, which separates the graph's share of a "
+                "spread from the routine's.\n"
             )
     plot = RESULTS / "reconstruction_accuracy_vs_bits.png"
     if write_plot(cells, plot):
         out.append(f"\n![accuracy vs bits]({plot.relative_to(RESULTS).as_posix()})\n")
     out.append(environment_footer(cells[0]["environment"]))
     return "".join(out)
+
+
+def is_current_placement(result: dict[str, Any]) -> bool:
+    """Whether a result of benchmarks/placement.py (fx, genie-m, cpu budget) was made with
+    today's routine and configuration."""
+    return is_current({**result, "method": "genie-m", "budget": "cpu"})
+
+
+def placement_is_current() -> bool:
+    """Whether benchmarks/placement.py has a current result."""
+    path = RESULTS / "reconstruction" / "placement.json"
+    if not path.is_file():
+        return False
+    return any(is_current_placement(r) for r in json.loads(path.read_text()))
 
 
 def generation_seconds(model: str, preset: str) -> float | None:
