@@ -172,17 +172,15 @@ class BrevitasQuantizerHandle(HandleBase):
         self._proxy.disable_quant = not enabled
 
     def override(
-        self, function: Callable[[torch.Tensor], torch.Tensor]
+        self, function: Callable[..., torch.Tensor], *, with_output: bool = False
     ) -> torch.utils.hooks.RemovableHandle:
         # Brevitas' tensor_quant returns (value, scale, zero_point, bit_width) and runs only
         # while the proxy is enabled; the value is replaced, the metadata kept.
         def replace(_: nn.Module, args: tuple, output: tuple) -> tuple:
-            return (function(args[0]), *output[1:])
+            value = function(args[0], output[0]) if with_output else function(args[0])
+            return (value, *output[1:])
 
         return self._tensor_quant.register_forward_hook(replace)
-
-    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return self._tensor_quant.forward(x)[0]  # forward, not __call__: no override runs
 
 
 def _is_nonnegative(node: Any, modules: dict[str, nn.Module], memo: dict[Any, bool]) -> bool:

@@ -143,10 +143,6 @@ class NNCFQuantizerHandle(HandleBase):
             )
         self._write(self.scale(), value.expand(self._module.input_low.numel()))
 
-    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        # NNCF's kernel, not its forward: the forward skips a disabled quantizer.
-        return self._module.quantize(x)
-
     @property
     def enabled(self) -> bool:
         return bool(self._module.is_enabled_quantization())

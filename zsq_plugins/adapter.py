@@ -80,20 +80,17 @@ class QuantizerHandle(Protocol):
     def set_enabled(self, enabled: bool) -> None: ...
 
     def override(
-        self, function: Callable[[torch.Tensor], torch.Tensor]
+        self, function: Callable[..., torch.Tensor], *, with_output: bool = False
     ) -> torch.utils.hooks.RemovableHandle:
         """Until the returned handle is removed, and while the quantizer is enabled, its
         output is ``function(x)`` (``x``: its float input; for a weight quantizer, the float
         weight) instead of the toolkit's own quantization. Gradients flow through
         ``function``: this is how the core's learned rounding and step sizes act inside the
-        toolkit's own model."""
-
-    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """The toolkit's own quantize-dequantize of ``x`` (the quantizer's input) with the
-        quantizer's current parameters, overrides not applied. The core's learned quantizers
-        take their forward value from it, so that what they optimize is what the toolkit
-        computes to the last bit (toolkits differ in the arithmetic: ``x * (1 / s)`` or
-        ``x / s``, the zero point added before or after rounding, which decides ties)."""
+        toolkit's own model. With ``with_output``, ``function(x, output)`` also receives the
+        toolkit's own output for ``x`` (its quantization with the current parameters): the
+        core's learned steps take their forward value from it, so that they round ties
+        exactly as the toolkit does (toolkits differ in the arithmetic: ``x * (1 / s)`` or
+        ``x / s``, the zero point added before or after rounding)."""
 
 
 class HandleBase:
@@ -120,20 +117,18 @@ class HandleBase:
         raise NotImplementedError
 
     def override(
-        self, function: Callable[[torch.Tensor], torch.Tensor]
+        self, function: Callable[..., torch.Tensor], *, with_output: bool = False
     ) -> torch.utils.hooks.RemovableHandle:
         """Default for quantizer modules that map a tensor to a tensor: a forward hook that
-        returns ``function(input)`` while the quantizer is enabled."""
+        returns ``function(input)`` (``function(input, output)`` with ``with_output``) while
+        the quantizer is enabled."""
 
         def replace(_: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return function(args[0]) if self.enabled else output
+            if not self.enabled:
+                return output
+            return function(args[0], output) if with_output else function(args[0])
 
         return self._module.register_forward_hook(replace)
-
-    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Default for the quantizer modules of ``override``'s default: the module's forward,
-        called directly so that no hook (no override) runs."""
-        return self._module.forward(x)
 
     def __repr__(self) -> str:
         bits = getattr(self, "bits", "?")

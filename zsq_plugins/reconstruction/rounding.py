@@ -3,8 +3,6 @@ the routine puts in place of a toolkit's own while it optimizes, and bakes back 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
@@ -66,35 +64,27 @@ class AdaRoundWeight(nn.Module):
 class LSQActivation(nn.Module):
     """Per-tensor fake quantization with a learned step size (LSQ's gradient scaling).
 
-    ``native``, when given, is the toolkit's own quantizer with the current step written in
-    it (``QuantizerHandle.fake_quantize``): the forward value is then the toolkit's, to the
-    last bit, and only the gradient is LSQ's. Toolkits differ in the arithmetic (``x / s`` or
-    ``x * (1 / s)``, the zero point added before or after rounding), which decides ties, so a
-    step learned here reproduces exactly once written back."""
+    Given ``exact``, the toolkit's own quantization of the same input with the same step
+    (``QuantizerHandle.override(..., with_output=True)``), the forward value is the toolkit's
+    to the last bit and only the gradient is LSQ's: toolkits differ in the arithmetic
+    (``x / s`` or ``x * (1 / s)``, the zero point added before or after rounding), which
+    decides ties, so a step learned here reproduces exactly once written back."""
 
     def __init__(
-        self,
-        scale: torch.Tensor,
-        zero_point: torch.Tensor,
-        quant_min: int,
-        quant_max: int,
-        native: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        self, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int
     ) -> None:
         super().__init__()
-        self.native = native
         self.scale = nn.Parameter(scale.detach().flatten()[:1].float().clone())
         self.register_buffer("zero_point", zero_point.detach().flatten()[:1].float().round())
         self.quant_min, self.quant_max = quant_min, quant_max
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, exact: torch.Tensor | None = None) -> torch.Tensor:
         # LSQ scales the step's gradient by 1 / sqrt(numel * qmax) for stable learning.
         factor = 1.0 / (x.numel() / x.shape[0] * self.quant_max) ** 0.5
         scaled_grad = self.scale * factor
         scale = self.scale.detach() + (scaled_grad - scaled_grad.detach())
         levels = torch.clamp(round_ste(x / scale) + self.zero_point, self.quant_min, self.quant_max)
         quantized = (levels - self.zero_point) * scale
-        if self.native is None:
+        if exact is None:
             return quantized
-        with torch.no_grad():
-            exact = self.native(x)
-        return quantized + (exact - quantized).detach()
+        return quantized + (exact.detach() - quantized).detach()

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from zsq_plugins.adapter import QuantizedModel, QuantizerHandle
-from zsq_plugins.capture import capture_at, float_weights, run_to
+from zsq_plugins.capture import capture_at, float_weights, plain_tensor, run_to
 from zsq_plugins.quant.clipping import clip_activations
 from zsq_plugins.quant.fold import fold_batchnorm
 from zsq_plugins.quant.weight_clipping import init_weight_steps
@@ -165,25 +165,22 @@ def reconstruct_block(
         for w, h in zip(floats, weight_handles, strict=True)
     ]
     steps = [
-        LSQActivation(
-            h.scale(), h.zero_point(), h.quant_min, h.quant_max, getattr(h, "fake_quantize", None)
-        )
-        for h in act_handles
+        LSQActivation(h.scale(), h.zero_point(), h.quant_min, h.quant_max) for h in act_handles
     ]
     step_shapes = [h.scale().shape for h in act_handles]
     training = {"on": True}
 
     def write_steps() -> None:
         """Puts the learned steps in the toolkit's quantizers, as the write-back will: each
-        LSQActivation takes its forward value from the toolkit's quantizer (rounding.py)."""
+        LSQActivation takes its forward value from the toolkit's output (rounding.py)."""
         with torch.no_grad():
             for handle, lsq, shape in zip(act_handles, steps, step_shapes, strict=True):
                 handle.set_scale(lsq.scale.detach().reshape(shape))
 
     def activation(lsq: LSQActivation):
-        def quantize(x: torch.Tensor) -> torch.Tensor:
+        def quantize(x: torch.Tensor, toolkit_output: torch.Tensor) -> torch.Tensor:
             torch.set_grad_enabled(True)
-            q = lsq(x)
+            q = lsq(x, plain_tensor(toolkit_output))  # the toolkit's value, LSQ's gradient
             if training["on"] and config.drop_probability > 0:  # QDrop
                 keep_float = torch.rand(x.shape, generator=generator) < config.drop_probability
                 q = torch.where(keep_float.to(x.device), x, q)
@@ -200,7 +197,10 @@ def reconstruct_block(
 
     removers = [h.override(weight(r)) for h, r in zip(weight_handles, roundings, strict=True)]
     if config.learn_act_scales:
-        removers += [h.override(activation(s)) for h, s in zip(act_handles, steps, strict=True)]
+        removers += [
+            h.override(activation(s), with_output=True)
+            for h, s in zip(act_handles, steps, strict=True)
+        ]
     groups = [{"params": [r.rounding for r in roundings], "lr": config.rounding_lr}]
     scale_groups = []
     if learn_scale:
