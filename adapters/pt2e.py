@@ -51,14 +51,15 @@ LAYER_OPS = {
 
 
 def _pt2e() -> Any:
-    """torchao's PT2E parts, imported on first use with their import notices silenced (torchao
-    reports CUDA kernels it cannot load on a CPU build)."""
+    """torchao's PT2E parts, imported on first use with their import notices silenced."""
     import logging
     from types import SimpleNamespace
 
-    quiet = logging.getLogger("torchao")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    # torchao reports CUDA kernels it cannot load; torch warns about an Enum torchao registers.
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -68,7 +69,8 @@ def _pt2e() -> Any:
             from torchao.quantization.pt2e.quantizer import QuantizationSpec
             from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
     finally:
-        quiet.setLevel(level)
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
     return SimpleNamespace(
         version=torchao.__version__, pt2e=pt2e, QuantizationSpec=QuantizationSpec,
         QuantizationConfig=x86.QuantizationConfig, X86InductorQuantizer=x86.X86InductorQuantizer,
