@@ -94,10 +94,14 @@ class BrevitasQuantizerHandle(HandleBase):
     def __init__(self, layer: str, kind: QuantizerKind, proxy: nn.Module, axis: int | None) -> None:
         super().__init__(layer, kind, proxy)
         self._proxy, self._axis = proxy, axis
-        if kind is QuantizerKind.WEIGHT:
-            self._tensor_quant = proxy.tensor_quant
-        else:
-            self._tensor_quant = proxy.fused_activation_quant_proxy.tensor_quant
+
+    @property
+    def _tensor_quant(self) -> nn.Module:
+        # Looked up on every use: Brevitas builds a new tensor_quant when a state dict is
+        # loaded (REINIT_ON_STATE_DICT_LOAD), and a handle must follow it.
+        if self.kind is QuantizerKind.WEIGHT:
+            return self._proxy.tensor_quant
+        return self._proxy.fused_activation_quant_proxy.tensor_quant
 
     @property
     def axis(self) -> int | None:

@@ -7,7 +7,8 @@
 
 Every cell (model, spec, toolkit, data source, method, budget) is written as its own JSON under
 docs/results/reconstruction/cells/ as soon as it finishes, and skipped when the grid runs
-again, so a long grid resumes after an interruption. docs/results/reconstruction.md is rendered
+again, so a long grid resumes after an interruption; a cell stopped part-way resumes after its
+last reconstructed block (.cache/reconstruction/). docs/results/reconstruction.md is rendered
 from all cells present. Each cell records top-1 on the 10k test set, the time of each step and
 the peak RSS of a fresh process (cells run in subprocesses so that memory is per cell).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +43,9 @@ from zsq_plugins.reporting import (
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 CELLS = RESULTS / "reconstruction" / "cells"
+CHECKPOINTS = ROOT / ".cache" / "reconstruction"
+"""A cell's reconstruction saves its state here after every block, so that a cell stopped
+part-way (a paper-budget cell runs for hours) resumes; removed once the cell is stored."""
 log = logging.getLogger("benchmarks.reconstruction")
 
 
@@ -67,6 +72,9 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
         ).images
     data_s = time.perf_counter() - started
     method = args.methods[0]
+    name = cell_name(
+        args.models[0], args.specs[0], args.toolkits[0], args.sources[0], method, args.budget
+    )
     quantized, report = apply(
         model,
         args.toolkits[0],
@@ -74,11 +82,18 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
         data=images,
         reconstruct=None if method == "none" else method,
         reconstruct_budget=args.budget,
+        reconstruct_checkpoint=None if method == "none" else CHECKPOINTS / name,
         seed=args.seed,
         progress=not args.no_progress,
     )
     top1 = evaluate(quantized, fashion_mnist("test"), progress=False).top1
-    blocks = report.reconstruction.blocks if report.reconstruction else []
+    reconstruction = report.reconstruction
+    blocks = reconstruction.blocks if reconstruction else []
+    timings = dict(report.timings_s)
+    if reconstruction and reconstruction.resumed_blocks:
+        # this process ran only the blocks after the checkpoint; the routine's time adds the
+        # restored blocks' recorded seconds
+        timings["reconstruct"] = reconstruction.seconds
     return {
         "model": args.models[0],
         "spec": args.specs[0],
@@ -91,9 +106,10 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
         "top1": top1,
         "fp32_top1": zoo.card(args.models[0]).published_top1,
         "data_s": round(data_s, 2),
-        "timings_s": report.timings_s,
+        "timings_s": timings,
+        "resumed_blocks": reconstruction.resumed_blocks if reconstruction else 0,
         "max_fidelity": max((b.fidelity for b in blocks), default=None),
-        "reconstruction_config": report.reconstruction.config if report.reconstruction else None,
+        "reconstruction_config": reconstruction.config if reconstruction else None,
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "environment": environment_info(),
     }
@@ -174,6 +190,7 @@ def run_grid_cell(args, model, spec, toolkit, source, method) -> None:
         log.error("%s failed with exit status %d (its log is above)", name, done.returncode)
         return
     write_json(path, json.loads(done.stdout.strip().splitlines()[-1]))
+    shutil.rmtree(CHECKPOINTS / name, ignore_errors=True)
 
 
 def is_current(cell: dict[str, Any]) -> bool:

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from tests.test_adapter_conformance import BUILT_IN, quantize, tiny_model
-from zsq_plugins import QuantSpec
+from zsq_plugins import QuantSpec, apply
 from zsq_plugins.adapter import get_adapter
+from zsq_plugins.errors import CacheMismatchError, ChecksumMismatchError
 from zsq_plugins.quant.fold import fold_batchnorm
 from zsq_plugins.reconstruction.config import ReconstructionConfig
 from zsq_plugins.reconstruction.routine import reconstruct
@@ -127,3 +128,58 @@ def test_block_runner_replays_only_when_it_matches_a_full_pass():
     with torch.no_grad():
         assert torch.allclose(runner(index), plain(images[index]))
     runner.close()
+
+
+def _checkpointed(tmp_path, seed=0, config=None):
+    model = tiny_model("relu6")
+    quantized, data = quantize("fx", model, QuantSpec.parse("W4A4"))
+    config = config or FAST.replace(iterations=10)
+    report = reconstruct(
+        quantized, model, torch.cat(data), config, seed=seed, progress=False,
+        checkpoint_dir=tmp_path,
+    )  # fmt: skip
+    return quantized, data, report
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_finished_checkpoint_is_restored_not_rerun(tmp_path):
+    first, data, report = _checkpointed(tmp_path)
+    assert report.resumed_blocks == 0
+    again, _, resumed = _checkpointed(tmp_path)
+    assert resumed.resumed_blocks == 3
+    assert [b.name for b in resumed.blocks] == [b.name for b in report.blocks]
+    assert [b.final_loss for b in resumed.blocks] == [b.final_loss for b in report.blocks]
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(data[1]), first.model(data[1]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [({"seed": 1}, "seed: stored 0, now 1"), ({"config": FAST.replace(iterations=11)}, "config.")],
+)
+def test_a_checkpoint_of_another_run_is_refused_and_kept(tmp_path, change, named):
+    _checkpointed(tmp_path)
+    kept = _files(tmp_path)
+    with pytest.raises(CacheMismatchError, match="another reconstruction") as error:
+        _checkpointed(tmp_path, **change)
+    assert named in str(error.value)
+    assert _files(tmp_path) == kept
+
+
+def test_a_corrupted_checkpoint_says_so(tmp_path):
+    _checkpointed(tmp_path)
+    state = next(tmp_path.glob("state-*.safetensors"))
+    state.write_bytes(state.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ChecksumMismatchError, match="Delete the folder"):
+        _checkpointed(tmp_path)
+    (tmp_path / "progress.json").write_text('{"identity": ')
+    with pytest.raises(CacheMismatchError, match="not valid JSON"):
+        _checkpointed(tmp_path)
+
+
+def test_apply_refuses_a_checkpoint_without_reconstruction(tmp_path):
+    with pytest.raises(TypeError, match="reconstruct_checkpoint need reconstruct="):
+        apply(tiny_model("relu6"), data=torch.rand(4, 1, 8, 8), reconstruct_checkpoint=tmp_path)

@@ -102,6 +102,7 @@ def apply(
     *,
     reconstruct_budget: str = "cpu",
     reconstruct_options: dict[str, Any] | None = None,
+    reconstruct_checkpoint: str | os.PathLike[str] | None = None,
     aac: bool = False,
     abn: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -115,7 +116,9 @@ def apply(
     ``reconstruct`` names a reconstruction preset (``adaround``, ``brecq``, ``qdrop``,
     ``genie-m``) run on the toolkit's own model after calibration, with the same images and
     ``reconstruct_budget`` (``cpu`` or ``paper``); ``reconstruct_options`` override any
-    ReconstructionConfig field (``{"iterations": 500}``). ``aac`` sets every activation
+    ReconstructionConfig field (``{"iterations": 500}``); ``reconstruct_checkpoint`` names a
+    folder where the reconstruction saves its state after every block, so that the same call
+    resumes it after an interruption. ``aac`` sets every activation
     quantizer's range, after the toolkit's calibration, to the MSE-optimal clip of the FP
     model's activations on the same images (accurate activation clipping,
     zsq_plugins.quant.clipping). ``abn`` (adaptive BN, after AAC) corrects every
@@ -129,8 +132,10 @@ def apply(
         RECONSTRUCTIONS.get(reconstruct).config(reconstruct_budget).replace(
             **(reconstruct_options or {})
         )
-    elif reconstruct_options:
-        raise TypeError("reconstruct_options needs reconstruct=<preset name>")
+    elif reconstruct_options or reconstruct_checkpoint is not None:
+        raise TypeError(
+            "reconstruct_options and reconstruct_checkpoint need reconstruct=<preset name>"
+        )
     spec = spec if spec is not None else QuantSpec()
     if toolkit not in ADAPTERS:
         raise UnknownPluginError(
@@ -171,6 +176,7 @@ def apply(
             budget=reconstruct_budget,
             seed=seed,
             progress=progress,
+            checkpoint_dir=reconstruct_checkpoint,
             **(reconstruct_options or {}),
         )
     done = time.perf_counter()

@@ -20,10 +20,12 @@ The built-in adapters run the same checks in tests/test_adapter_conformance.py.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -34,6 +36,7 @@ from zsq_plugins.quant.adaptive_bn import adapt_batchnorm, layer_moments
 from zsq_plugins.quant.clipping import clip_activations
 from zsq_plugins.quant.fakequant import fake_quantize
 from zsq_plugins.quant.fold import fold_batchnorm
+from zsq_plugins.reconstruction import routine
 from zsq_plugins.reconstruction.config import ReconstructionConfig
 from zsq_plugins.reconstruction.rounding import LSQActivation
 from zsq_plugins.reconstruction.routine import reconstruct
@@ -456,6 +459,49 @@ def check_reconstruction_learns_every_activation_quantizer(adapter: Adapter) -> 
     _require(not fixed, f"activation steps not learned: {fixed}")
 
 
+class _Interrupted(Exception):
+    """Stands for a run stopped between two blocks (Ctrl-C, a lost machine)."""
+
+
+def check_reconstruction_resumes_from_a_checkpoint(adapter: Adapter) -> None:
+    """A reconstruction interrupted after its first block, resumed on a newly built model from
+    its checkpoint, ends where an uninterrupted run ends: the toolkit's model restores from
+    the saved state."""
+    spec = QuantSpec.parse("W4A4")
+    config = ReconstructionConfig(iterations=15, batch_size=16, drop_probability=0.5)
+    reference, data = quantize_tiny(adapter, tiny_model("relu6"), spec)
+    images = torch.cat(data)
+    reconstruct(reference, tiny_model("relu6"), images, config, progress=False)
+    real_block = routine.reconstruct_block
+    calls = []
+
+    def stopping_before_the_second_block(*args: object, **kwargs: object) -> object:
+        calls.append(None)
+        if len(calls) == 2:
+            raise _Interrupted
+        return real_block(*args, **kwargs)
+
+    with tempfile.TemporaryDirectory() as folder:
+        interrupted, _ = quantize_tiny(adapter, tiny_model("relu6"), spec)
+        stopping = mock.patch.object(routine, "reconstruct_block", stopping_before_the_second_block)
+        with stopping, contextlib.suppress(_Interrupted):
+            reconstruct(
+                interrupted, tiny_model("relu6"), images, config, progress=False,
+                checkpoint_dir=folder,
+            )  # fmt: skip
+        _require(len(calls) == 2, f"the run was not interrupted ({len(calls)} blocks started)")
+        resumed, _ = quantize_tiny(adapter, tiny_model("relu6"), spec)
+        report = reconstruct(
+            resumed, tiny_model("relu6"), images, config, progress=False, checkpoint_dir=folder
+        )
+    _require(report.resumed_blocks == 1, f"{report.resumed_blocks} blocks resumed, not 1")
+    with torch.no_grad():
+        expected = unwrap(reference.model(images))
+        got = unwrap(resumed.model(images))
+    gap = float((got - expected).abs().max())
+    _require(gap <= 1e-6, f"resumed run's logits differ from the uninterrupted run's by {gap}")
+
+
 CHECKS: tuple[Callable[[Adapter], None], ...] = (
     check_spec_is_honoured,
     check_switched_off_equals_folded_fp32,
@@ -469,6 +515,7 @@ CHECKS: tuple[Callable[[Adapter], None], ...] = (
     check_adaptive_bn,
     check_reconstruction_lands_on_the_grid,
     check_reconstruction_learns_every_activation_quantizer,
+    check_reconstruction_resumes_from_a_checkpoint,
 )
 """Every conformance check, in the order ``check_adapter`` runs them."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -25,13 +26,26 @@ def reconstruct(
     *,
     seed: int = 0,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
     **overrides: Any,
 ) -> ReconstructionReport:
     """Reconstructs a toolkit's quantized model (``report.quantized`` of ``apply``, or an
     adapter's ``quantize`` result) towards ``fp_model`` on ``images``, block by block, and
-    writes the learned rounding and step sizes back into the toolkit's own quantizers."""
+    writes the learned rounding and step sizes back into the toolkit's own quantizers.
+
+    ``checkpoint_dir`` saves the state after every block there; calling again with the same
+    folder (and the same quantized model, images, preset, budget and seed), after an
+    interruption, resumes after the last finished block."""
     config = RECONSTRUCTIONS.get(preset).config(budget).replace(**overrides)
-    return _run(quantized, fp_model, images, config, seed=seed, progress=progress)
+    return _run(
+        quantized,
+        fp_model,
+        images,
+        config,
+        seed=seed,
+        progress=progress,
+        checkpoint_dir=checkpoint_dir,
+    )
 
 
 __all__ = [

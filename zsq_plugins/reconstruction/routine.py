@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ from zsq_plugins.quant.weight_clipping import init_weight_steps
 from zsq_plugins.reconstruction.assignment import activation_quantizers_by_block
 from zsq_plugins.reconstruction.block_inputs import BlockInputCache, BlockRunner
 from zsq_plugins.reconstruction.blocks import Block, find_blocks, output_points
+from zsq_plugins.reconstruction.checkpoint import ReconstructionCheckpoint, checkpoint_identity
 from zsq_plugins.reconstruction.config import ReconstructionConfig
 from zsq_plugins.reconstruction.rounding import AdaRoundWeight, LSQActivation
 
@@ -74,15 +76,19 @@ class BlockReport:
 class ReconstructionReport:
     blocks: list[BlockReport]
     seconds: float
+    """Wall time; on a resumed run, this run's plus the restored blocks' recorded seconds."""
     config: dict
     """The configuration it ran with (``ReconstructionConfig.to_dict()``) and the routine's
     ``routine_revision``: what a stored result records to be recognized as current."""
+    resumed_blocks: int = 0
+    """How many blocks were restored from a checkpoint rather than reconstructed by this run."""
 
     def to_dict(self) -> dict:
         return {
             "blocks": [dataclasses.asdict(b) for b in self.blocks],
             "seconds": self.seconds,
             "config": self.config,
+            "resumed_blocks": self.resumed_blocks,
         }
 
 
@@ -278,9 +284,14 @@ def reconstruct(
     *,
     seed: int = 0,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
 ) -> ReconstructionReport:
     """Reconstructs ``quantized`` (a toolkit's model from an adapter) block by block so that it
-    reproduces ``fp_model`` on ``images`` (real or synthetic calibration images)."""
+    reproduces ``fp_model`` on ``images`` (real or synthetic calibration images).
+
+    With ``checkpoint_dir``, the state after every block is saved there, and a run that finds
+    a checkpoint of the same reconstruction (configuration, seed, images, toolkit model
+    layout) resumes after its last finished block (checkpoint.py)."""
     config = config or ReconstructionConfig()
     device = next((p.device for p in quantized.model.parameters()), torch.device("cpu"))
     images = images.to(device)  # runs where the toolkit's model lives (CPU or a GPU)
@@ -290,10 +301,20 @@ def reconstruct(
     generator = torch.Generator().manual_seed(seed)
     quantized.model.eval()
     started = time.perf_counter()
-    if config.init_act_ranges:
+    recorded = {**config.to_dict(), "routine_revision": ROUTINE_REVISION}
+    checkpoint = None
+    restored: list[BlockReport] = []
+    if checkpoint_dir is not None:
+        identity = checkpoint_identity(
+            recorded, seed, images, [b.name for b in blocks], quantized.model
+        )
+        checkpoint = ReconstructionCheckpoint(checkpoint_dir, identity)
+        restored = [BlockReport(**r) for r in checkpoint.restore(quantized.model, generator)]
+    # A restored state already holds the initialized (and learned) steps.
+    if config.init_act_ranges and not restored:
         changed = clip_activations(quantized, images, seed=seed)
         log.info("activation ranges initialized by MSE search: %d changed", len(changed))
-    if config.init_weight_steps:
+    if config.init_weight_steps and not restored:
         steps = init_weight_steps(quantized, images[:1])
         log.info(
             "weight steps initialized by L_p search: %d of %d channels changed",
@@ -301,11 +322,17 @@ def reconstruct(
             sum(r.channels for r in steps),
         )
     learned_activations = activation_quantizers_by_block(quantized, blocks, images[:1])
-    reports = []
+    reports = list(restored)
     with tqdm(
-        total=config.iterations * len(blocks), desc="reconstruct", unit="step", disable=not progress
+        total=config.iterations * len(blocks),
+        initial=config.iterations * len(restored),
+        desc="reconstruct",
+        unit="step",
+        disable=not progress,
     ) as bar:
         for index, block in enumerate(blocks):
+            if index < len(restored):
+                continue
             point = points[index]
             with torch.no_grad(), capture_at(folded, point) as store:
                 targets = torch.cat(
@@ -329,5 +356,7 @@ def reconstruct(
                 "block %s: loss %.4g -> %.4g", block.name, report.initial_loss, report.final_loss
             )
             reports.append(report)
-    recorded = {**config.to_dict(), "routine_revision": ROUTINE_REVISION}
-    return ReconstructionReport(reports, round(time.perf_counter() - started, 3), recorded)
+            if checkpoint is not None:
+                checkpoint.save(quantized.model, generator, reports)
+    seconds = time.perf_counter() - started + sum(r.seconds for r in restored)
+    return ReconstructionReport(reports, round(seconds, 3), recorded, len(restored))
