@@ -67,6 +67,11 @@ class BlockReport:
     hard_loss: float = math.nan
     """The reconstruction loss of the written-back block (hard rounding, no QDrop) on the
     first batch: compared with ``final_loss`` (soft rounding), the cost of rounding."""
+    plain_loss: float = math.nan
+    """The same loss on the same batch before the block was reconstructed (the toolkit's own
+    rounding and steps): ``plain_loss - hard_loss`` is what reconstruction gained on it.
+    (``initial_loss`` and ``final_loss`` are of the first and last steps' random batches,
+    with the float weights at the start, so they do not compare like that.)"""
     cached_inputs: bool = False
     """Whether the steps ran the block on cached inputs (see block_inputs.py) rather than
     recomputing the prefix."""
@@ -145,6 +150,10 @@ def reconstruct_block(
     model = quantized.model
     weight_handles = [h for h in quantized.weight_handles() if h.layer in block.layers]
     started = time.perf_counter()
+    probe = images[: config.batch_size]
+    with torch.no_grad(), capture_at(model, point) as store:
+        plain_output = run_to(model, probe, store)
+    plain = (plain_output - targets[: len(probe)]).pow(2).flatten(1).sum(1).mean()
     floats = float_weights(model, weight_handles, images, point)
     first = _first_layer(block)
     runner = BlockRunner(
@@ -247,7 +256,6 @@ def reconstruct_block(
         training["on"] = False
         cached_inputs = runner.replays
         runner.close()
-    probe = images[: config.batch_size]
     try:
         with torch.no_grad(), capture_at(model, point) as store:
             routine_output = run_to(model, probe, store).detach().clone()  # hard, no QDrop
@@ -271,8 +279,9 @@ def reconstruct_block(
         final,
         round(time.perf_counter() - started, 3),
         fidelity,
-        float(hard),
-        cached_inputs,
+        hard_loss=float(hard),
+        plain_loss=float(plain),
+        cached_inputs=cached_inputs,
     )
 
 
@@ -353,7 +362,12 @@ def reconstruct(
                 bar,
             )
             log.info(
-                "block %s: loss %.4g -> %.4g", block.name, report.initial_loss, report.final_loss
+                "block %s: loss on the first batch %.4g -> %.4g (steps: first %.4g, last %.4g)",
+                block.name,
+                report.plain_loss,
+                report.hard_loss,
+                report.initial_loss,
+                report.final_loss,
             )
             reports.append(report)
             if checkpoint is not None:
