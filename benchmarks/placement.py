@@ -1,6 +1,6 @@
 """Placement ablation: is a toolkit gap after reconstruction the routine's or the graph's?
 
-    python benchmarks/placement.py --specs W3A3 --sources real genie
+    python benchmarks/placement.py --models resnet20_fmnist mobilenetv2_fmnist --specs W3A3
 
 The toolkits do not quantize the same tensors. Brevitas (layerwise) quantizes only the inputs
 of conv and linear layers; torch.ao FX also quantizes each residual branch before its
@@ -15,6 +15,7 @@ placement.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import time
@@ -38,7 +39,8 @@ from zsq_plugins.reporting import (
     write_text_atomic,
 )
 
-MODEL = "resnet20_fmnist"
+# Results written before the script took --models were all made on this model.
+DEFAULT_MODEL = "resnet20_fmnist"
 OUT = RESULTS / "reconstruction" / "placement.json"
 log = logging.getLogger("benchmarks.placement")
 
@@ -63,21 +65,26 @@ def quantizers_off_layer_inputs(quantized: QuantizedModel) -> list[str]:
     return switched
 
 
-def run(spec: str, source: str, threads: int) -> dict[str, Any]:
+def run(model_name: str, spec: str, source: str, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     if source == "real":
         images = calibration_subset(1024, seed=0)
     else:
         folder = ROOT / ".cache" / "synthetic"
-        images = cached_synthesize(folder, MODEL, source, 1024, 0, "cpu", False).images
+        images = cached_synthesize(folder, model_name, source, 1024, 0, "cpu", False).images
     started = time.perf_counter()
-    _, report = apply(zoo.load(MODEL), "fx", QuantSpec.parse(spec), data=images, progress=False)
+    _, report = apply(
+        zoo.load(model_name), "fx", QuantSpec.parse(spec), data=images, progress=False
+    )
     switched = quantizers_off_layer_inputs(report.quantized)
     low_bit = [h for h in report.quantized.activation_handles() if h.enabled]
     config = RECONSTRUCTIONS.get("genie-m").config("cpu")
-    recorded = reconstruct(report.quantized, zoo.load(MODEL), images, config, progress=False).config
+    recorded = reconstruct(
+        report.quantized, zoo.load(model_name), images, config, progress=False
+    ).config
     top1 = evaluate(report.quantized.model, fashion_mnist("test"), progress=False).top1
     return {
+        "model": model_name,
         "spec": spec,
         "source": source,
         "switched_off": switched,
@@ -89,8 +96,12 @@ def run(spec: str, source: str, threads: int) -> dict[str, Any]:
     }
 
 
-def toolkit_cell(spec: str, source: str, toolkit: str) -> float | None:
-    path = CELLS / f"{cell_name(MODEL, spec, toolkit, source, 'genie-m', 'cpu')}.json"
+def model_of(result: dict[str, Any]) -> str:
+    return result.get("model", DEFAULT_MODEL)
+
+
+def toolkit_cell(model_name: str, spec: str, source: str, toolkit: str) -> float | None:
+    path = CELLS / f"{cell_name(model_name, spec, toolkit, source, 'genie-m', 'cpu')}.json"
     if not path.is_file():
         return None
     cell = json.loads(path.read_text())
@@ -100,7 +111,7 @@ def toolkit_cell(spec: str, source: str, toolkit: str) -> float | None:
 def render(results: list[dict[str, Any]], stale: list[dict[str, Any]]) -> str:
     left_out = ""
     if stale:
-        names = ", ".join(f"{r['spec']} {r['source']}" for r in stale)
+        names = ", ".join(f"{model_of(r)} {r['spec']} {r['source']}" for r in stale)
         left_out = (
             f"\nLeft out, made with an older reconstruction routine or configuration (run "
             f"the command again): {names}.\n"
@@ -112,24 +123,26 @@ def render(results: list[dict[str, Any]], stale: list[dict[str, Any]]) -> str:
         )
     rows = []
     for r in results:
-        row = {"spec": r["spec"], "data": r["source"]}
+        row = {"model": model_of(r), "spec": r["spec"], "data": r["source"]}
         for toolkit in ("fx", "nncf", "brevitas"):
-            row[toolkit] = toolkit_cell(r["spec"], r["source"], toolkit)
+            row[toolkit] = toolkit_cell(model_of(r), r["spec"], r["source"], toolkit)
         row["fx, conv/linear inputs only"] = r["top1"]
         row["quantizers switched off"] = len(r["switched_off"])
         rows.append(row)
+    switched = "".join(
+        f"\nSwitched off in {model} fx: {', '.join(names)}.\n"
+        for model, names in {model_of(r): r["switched_off"] for r in results}.items()
+    )
     return (
         "# Quantizer placement ablation (generated)\n\n"
-        f"{MODEL}, genie-m (cpu budget), top-1 (%) on the 10k test set. The first three "
-        "columns are the reconstruction benchmark's cells, each toolkit quantizing the tensors "
-        "it chooses; the fourth is fx with every activation quantizer whose output feeds no "
+        "genie-m (cpu budget), top-1 (%) on the 10k test set. The columns fx, nncf and "
+        "brevitas are the reconstruction benchmark's cells, each toolkit quantizing the tensors "
+        "it chooses; the next is fx with every activation quantizer whose output feeds no "
         "conv or linear layer switched off (residual branches before their addition, the "
         "input of global pooling, the logits), the tensors Brevitas quantizes. Command: "
-        "`python benchmarks/placement.py`.\n\n"
+        "`python benchmarks/placement.py --models resnet20_fmnist mobilenetv2_fmnist`.\n\n"
         + markdown_table(rows, list(rows[0]))
-        + "\nSwitched off in fx: "
-        + ", ".join(results[0]["switched_off"])
-        + ".\n"
+        + switched
         + left_out
         + environment_footer(results[0]["environment"])
     )
@@ -137,6 +150,7 @@ def render(results: list[dict[str, Any]], stale: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=[DEFAULT_MODEL])
     parser.add_argument("--specs", nargs="+", default=["W3A3"])
     parser.add_argument("--sources", nargs="+", default=["real", "genie"])
     parser.add_argument("--threads", type=int, default=2)
@@ -144,16 +158,15 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stored = json.loads(OUT.read_text()) if OUT.is_file() else []
-    results = {(r["spec"], r["source"]): r for r in stored}
+    results = {(model_of(r), r["spec"], r["source"]): r for r in stored}
     if not args.render_only:
-        for spec in args.specs:
-            for source in args.sources:
-                if (spec, source) in results and is_current_placement(results[(spec, source)]):
-                    log.info("skip %s %s (done)", spec, source)
-                    continue
-                log.info("run %s %s", spec, source)
-                results[(spec, source)] = run(spec, source, args.threads)
-                write_json(OUT, list(results.values()))
+        for key in itertools.product(args.models, args.specs, args.sources):
+            if key in results and is_current_placement(results[key]):
+                log.info("skip %s %s %s (done)", *key)
+                continue
+            log.info("run %s %s %s", *key)
+            results[key] = run(*key, args.threads)
+            write_json(OUT, list(results.values()))
     if results:
         current = [r for r in results.values() if is_current_placement(r)]
         text = render(current, [r for r in results.values() if not is_current_placement(r)])

@@ -88,6 +88,34 @@ def test_calibration_axis_adds_cells_without_renaming_plain_ones():
     )
     assert "### Top-1 (%), no reconstruction" in markdown
     assert "### Top-1 (%), aac+abn, no reconstruction" in markdown
+    assert "| aac+abn | real | W4A4 | 5.00 |" in markdown  # the ablation's effect, read off
+
+
+def test_sources_are_measured_against_real_data_and_noise():
+    config = small(specs=["W3A3"], data=["real", "noise", "weight-stats"])
+    top1 = {"real": 90.0, "noise": 70.0, "weight-stats": 85.0}
+    rows = [
+        {**c.__dict__, "top1": top1[c.data], "fp32_top1": 93.9, "num_test": 200, "timings_s": {}}
+        for c in config.cells()
+    ]
+    markdown = render_markdown(
+        {"config": config.to_dict(), "environment": environment_info(), "cells": rows}
+    )
+    below = markdown.split("### Top-1 below real data (points), no reconstruction")[1]
+    assert "| noise | W3A3 | 20.00 |" in below
+    assert "| weight-stats | W3A3 | 5.00 |" in below
+    recovered = markdown.split("### Noise-to-real top-1 gap recovered (%), no reconstruction")[1]
+    assert "| weight-stats | W3A3 | 75.0 |" in recovered
+    assert "| noise | W3A3 |" not in recovered  # noise recovers nothing by definition
+
+    # Where real data hardly beats noise, a share of that gap is noise: no table.
+    top1["noise"] = 89.5
+    rows = [{**r, "top1": top1[r["data"]]} for r in rows]
+    markdown = render_markdown(
+        {"config": config.to_dict(), "environment": environment_info(), "cells": rows}
+    )
+    assert "gap recovered" not in markdown
+    assert "### Top-1 below real data" in markdown
 
 
 def test_grid_resumes_and_refuses_another_protocol(tmp_path, monkeypatch):

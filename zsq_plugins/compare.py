@@ -546,5 +546,103 @@ def render_markdown(record: dict[str, Any]) -> str:
                     out.append(f"\n### {heading}, {title}\n\n")
                     digits = 4 if metric == "kl" else 2
                     out.append(markdown_table(table, ["data", "spec", *toolkits, "spread"], digits))
+            out.extend(_against_real_data(mine, toolkits, specs, reconstruct, calibration, title))
+        for reconstruct in dict.fromkeys(r for r, _ in settings):
+            out.extend(_calibration_effects(mine, toolkits, specs, reconstruct))
     out.append(environment_footer(record["environment"]))
     return "".join(out)
+
+
+NOISE = "noise"
+MIN_NOISE_GAP = 1.0
+"""Top-1 points real data must lead noise by for a share of that gap to mean anything."""
+
+
+def _top1_index(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], float]:
+    return {
+        (r["data"], r["spec"], r["toolkit"], r["reconstruct"], r.get("calibration", PLAIN)): r[
+            "top1"
+        ]
+        for r in rows
+        if r.get("top1") is not None
+    }
+
+
+def _against_real_data(
+    rows: list[dict[str, Any]],
+    toolkits: list[str],
+    specs: list[str],
+    reconstruct: str,
+    calibration: str,
+    title: str,
+) -> list[str]:
+    """Two derived tables for one setting when the grid has real data: each other source's
+    top-1 below real data, and (with noise in the grid) the share of the noise-to-real gap each
+    source recovers, the measure of range realism that zero-shot data is judged by."""
+    top1 = _top1_index(rows)
+    sources = [d for d in dict.fromkeys(r["data"] for r in rows) if d != REAL]
+    if not sources or not any(k[0] == REAL for k in top1):
+        return []
+
+    def value(data: str, spec: str, toolkit: str) -> float | None:
+        return top1.get((data, spec, toolkit, reconstruct, calibration))
+
+    below, recovered = [], []
+    for data in sources:
+        for spec in specs:
+            gaps, shares = {}, {}
+            for toolkit in toolkits:
+                real, mine, noise = (value(d, spec, toolkit) for d in (REAL, data, NOISE))
+                if real is None or mine is None:
+                    continue
+                gaps[toolkit] = real - mine
+                if data != NOISE and noise is not None and real - noise >= MIN_NOISE_GAP:
+                    shares[toolkit] = 100 * (mine - noise) / (real - noise)
+            if gaps:
+                below.append({"data": data, "spec": spec, **gaps})
+            if shares:
+                recovered.append({"data": data, "spec": spec, **shares})
+    out = []
+    if below:
+        out.append(f"\n### Top-1 below real data (points), {title}\n\n")
+        out.append(markdown_table(below, ["data", "spec", *toolkits]))
+    if recovered:
+        out.append(
+            f"\n### Noise-to-real top-1 gap recovered (%), {title}\n\n"
+            "100 x (source - noise) / (real - noise), where real data leads noise by at least "
+            f"{MIN_NOISE_GAP:g} point: 0 is no better than noise, 100 is as good as real data.\n\n"
+        )
+        out.append(markdown_table(recovered, ["data", "spec", *toolkits], digits=1))
+    return out
+
+
+def _calibration_effects(
+    rows: list[dict[str, Any]], toolkits: list[str], specs: list[str], reconstruct: str
+) -> list[str]:
+    """Top-1 change from plain calibration of each other calibration option (same data, spec,
+    toolkit and reconstruction): the ablation read directly."""
+    top1 = _top1_index(rows)
+    options = [
+        c
+        for c in dict.fromkeys(r.get("calibration", PLAIN) for r in rows)
+        if c != PLAIN and any(k[3] == reconstruct and k[4] == c for k in top1)
+    ]
+    table = []
+    for option in options:
+        for data in dict.fromkeys(r["data"] for r in rows):
+            for spec in specs:
+                changes = {}
+                for toolkit in toolkits:
+                    base = top1.get((data, spec, toolkit, reconstruct, PLAIN))
+                    mine = top1.get((data, spec, toolkit, reconstruct, option))
+                    if base is not None and mine is not None:
+                        changes[toolkit] = mine - base
+                if changes:
+                    table.append({"calibration": option, "data": data, "spec": spec, **changes})
+    if not table:
+        return []
+    title = "no reconstruction" if reconstruct == NO_RECONSTRUCTION else reconstruct
+    return [
+        f"\n### Top-1 change from plain calibration (points), {title}\n\n",
+        markdown_table(table, ["calibration", "data", "spec", *toolkits]),
+    ]
