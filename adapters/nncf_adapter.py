@@ -66,12 +66,23 @@ class NNCFQuantizerHandle(HandleBase):
     of ``TuneRange``, so the grid is exactly the one written.
     """
 
-    def __init__(self, layer: str, kind: QuantizerKind, module: nn.Module, hook: str) -> None:
+    def __init__(
+        self,
+        layer: str,
+        kind: QuantizerKind,
+        module: nn.Module,
+        hook: str,
+        feeds: frozenset[str] = frozenset(),
+    ) -> None:
         if module.is_using_log_scale_storage:
             raise ValueError(f"{hook}: quantizers with log-scale storage are not supported")
         super().__init__(layer, kind, module)
         self.hook = hook
         self.symmetric = not hasattr(module, "input_low")
+        # The conv/linear layers an activation quantizer's output reaches without being
+        # quantized again (through pooling, flatten): empty for one that only guards an
+        # addition or the like, which is what a placement ablation switches off.
+        self.feeds = feeds
 
     @property
     def bits(self) -> int:
@@ -351,9 +362,10 @@ def collect_handles(
 ) -> list[NNCFQuantizerHandle]:
     """One handle per quantizer, given its bit width (module docstring); a shared quantizer
     is named after its first place and is 8-bit if any of its places needs 8 bits."""
-    found: dict[int, tuple[str, QuantizerKind, nn.Module, str, int]] = {}
+    found: dict[int, tuple[str, QuantizerKind, nn.Module, str, int, frozenset[str]]] = {}
     for hook, (hook_type, op_name, port), module in _named_quantizers(quantized):
         weight_of = topology.weight_layer(op_name, port) if hook_type == "pre_hooks" else None
+        feeds: set[str] = set()
         if weight_of is not None:
             kind, layer = QuantizerKind.WEIGHT, weight_of
             bits = 8 if layer in eight_bit else spec.weight_bits
@@ -366,12 +378,13 @@ def collect_handles(
                 layer, feeds = topology.output_name(op_name), topology.consumers(op_name, None)
             bits = 8 if feeds & eight_bit else spec.act_bits
         if id(module) in found:
-            layer, kind, _, hook, first_bits = found[id(module)]
+            layer, kind, _, hook, first_bits, first_feeds = found[id(module)]
             bits = max(bits, first_bits)
-        found[id(module)] = (layer, kind, module, hook, bits)
+            feeds |= first_feeds
+        found[id(module)] = (layer, kind, module, hook, bits, frozenset(feeds))
     narrow = spec.weight_narrow_range and spec.weight_symmetry is Symmetry.SYMMETRIC
     handles = []
-    for layer, kind, module, hook, bits in found.values():
+    for layer, kind, module, hook, bits, feeds in found.values():
         if kind is QuantizerKind.WEIGHT and module.narrow_range != narrow:
             # Like the bit width, the grid is set after nncf.quantize: NNCF's hardware
             # configuration refuses weights off the narrow grid. The flag is read by set_levels
@@ -380,7 +393,7 @@ def collect_handles(
             module.set_levels()
         if module.num_bits != bits:
             module.num_bits = bits  # the setter re-derives level_low and level_high
-        handles.append(NNCFQuantizerHandle(layer, kind, module, hook))
+        handles.append(NNCFQuantizerHandle(layer, kind, module, hook, feeds))
     return handles
 
 

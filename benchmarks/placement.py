@@ -1,15 +1,17 @@
 """Placement ablation: is a toolkit gap after reconstruction the routine's or the graph's?
 
-    python benchmarks/placement.py --models resnet20_fmnist mobilenetv2_fmnist --specs W3A3
+    python benchmarks/placement.py --models resnet20_fmnist mobilenetv2_fmnist --specs W3A3 \
+        --toolkits fx nncf fx-float-skips
 
 The toolkits do not quantize the same tensors. Brevitas (layerwise) quantizes only the inputs
-of conv and linear layers; torch.ao FX also quantizes each residual branch before its
-addition, the input of global pooling and the logits. This runs the reconstruction
-benchmark's fx genie-m cell again with fx's other activation quantizers switched off through
-the handles (each one whose output reaches no conv or linear layer directly), so that fx
-quantizes the tensors Brevitas does, and tabulates it beside the three toolkits' own cells
-(docs/results/reconstruction/cells/). Writes docs/results/reconstruction/placement.json and
-placement.md.
+of conv and linear layers; torch.ao FX and NNCF also quantize each residual branch before its
+addition and the input of global pooling, and FX the logits too. This runs the
+reconstruction benchmark's genie-m cell again in fx and in NNCF with their other activation
+quantizers switched off through the handles (each one whose output reaches no conv or linear
+layer), so that every toolkit quantizes the tensors Brevitas does, and in fx once more with
+the skip paths reading float tensors as Brevitas's do; it tabulates them beside
+the three toolkits' own cells (docs/results/reconstruction/cells/) with the spread under each
+placement. Writes docs/results/reconstruction/placement.json and placement.md.
 """
 
 from __future__ import annotations
@@ -45,27 +47,74 @@ OUT = RESULTS / "reconstruction" / "placement.json"
 log = logging.getLogger("benchmarks.placement")
 
 
-def quantizers_off_layer_inputs(quantized: QuantizedModel) -> list[str]:
-    """Switches off every enabled activation quantizer of an fx model whose output feeds no
-    conv or linear layer directly; returns their layers."""
+FLOAT_SKIPS = "fx-float-skips"
+TOOLKITS = ("fx", "nncf", FLOAT_SKIPS)
+"""The ablation's rows: fx and NNCF with the quantizers off conv/linear inputs switched off,
+and fx with Brevitas's placement exactly (``fx_layer_inputs_only``, float skip paths too)."""
+COLUMNS = {
+    "fx": "fx, conv/linear inputs only",
+    "nncf": "nncf, conv/linear inputs only",
+    FLOAT_SKIPS: "fx, Brevitas's placement (float skips)",
+}
+
+
+def is_layer(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d | nn.Linear)
+
+
+def fx_layer_inputs_only(quantized: QuantizedModel, float_readers: bool) -> tuple[list[str], int]:
+    """Gives an fx model Brevitas's placement: switches off each activation quantizer whose
+    output feeds no conv or linear layer directly, and with ``float_readers`` lets every other
+    reader of a kept quantizer (a residual addition reading a block's input) read the float
+    tensor, since Brevitas quantizes a layer's input for that layer only. Returns the layers
+    switched off and the number of edges rewired. (The reconstruction routine then cannot
+    replay cached inputs where a skip reads the float tensor: it runs those blocks' prefix on
+    every step, which is slower, not different.)"""
     graph_module = quantized.model
     modules = dict(graph_module.named_modules())
     nodes = {n.target: n for n in graph_module.graph.nodes if n.op == "call_module"}
-    switched = []
+
+    def reads_as_layer(user: torch.fx.Node) -> bool:
+        return user.op == "call_module" and is_layer(modules[user.target])
+
+    switched, rewired = [], 0
     for handle in quantized.activation_handles():
-        name = next(k for k, m in modules.items() if m is handle.module)
-        users = nodes[name].users
-        feeds_layer = any(
-            u.op == "call_module" and isinstance(modules[u.target], nn.Conv2d | nn.Linear)
-            for u in users
-        )
-        if handle.enabled and not feeds_layer:
+        if not handle.enabled:
+            continue
+        node = nodes[next(k for k, m in modules.items() if m is handle.module)]
+        if not any(reads_as_layer(user) for user in node.users):
             handle.set_enabled(False)
             switched.append(handle.layer)
-    return switched
+            continue
+        for user in [u for u in node.users if float_readers and not reads_as_layer(u)]:
+            user.replace_input_with(node, node.args[0])
+            rewired += 1
+    if rewired:
+        graph_module.graph.lint()
+        graph_module.recompile()
+    return switched, rewired
 
 
-def run(model_name: str, spec: str, source: str, threads: int) -> dict[str, Any]:
+def quantizers_off_layer_inputs(quantized: QuantizedModel, variant: str) -> tuple[list[str], int]:
+    """Brevitas's placement in fx (``fx_layer_inputs_only``) or NNCF: there, each enabled
+    activation quantizer whose output reaches no conv or linear layer (through unquantized
+    pooling or flatten, as the adapter's handles record it) is switched off; a kept one still
+    quantizes the tensor for every reader (NNCF's quantizers are hooks on the producing op).
+    Returns the layers switched off and the edges rewired."""
+    if quantized.toolkit == "fx":
+        return fx_layer_inputs_only(quantized, float_readers=variant == FLOAT_SKIPS)
+    if quantized.toolkit != "nncf":
+        raise ValueError(f"no placement switch for toolkit {quantized.toolkit!r}")
+    switched = []
+    for handle in quantized.activation_handles():
+        if handle.enabled and not handle.feeds:
+            handle.set_enabled(False)
+            switched.append(handle.layer)
+    return switched, 0
+
+
+def run(model_name: str, spec: str, source: str, variant: str, threads: int) -> dict[str, Any]:
+    toolkit = "fx" if variant == FLOAT_SKIPS else variant
     torch.set_num_threads(threads)
     if source == "real":
         images = calibration_subset(1024, seed=0)
@@ -74,9 +123,9 @@ def run(model_name: str, spec: str, source: str, threads: int) -> dict[str, Any]
         images = cached_synthesize(folder, model_name, source, 1024, 0, "cpu", False).images
     started = time.perf_counter()
     _, report = apply(
-        zoo.load(model_name), "fx", QuantSpec.parse(spec), data=images, progress=False
+        zoo.load(model_name), toolkit, QuantSpec.parse(spec), data=images, progress=False
     )
-    switched = quantizers_off_layer_inputs(report.quantized)
+    switched, rewired = quantizers_off_layer_inputs(report.quantized, variant)
     low_bit = [h for h in report.quantized.activation_handles() if h.enabled]
     config = RECONSTRUCTIONS.get("genie-m").config("cpu")
     recorded = reconstruct(
@@ -87,7 +136,9 @@ def run(model_name: str, spec: str, source: str, threads: int) -> dict[str, Any]
         "model": model_name,
         "spec": spec,
         "source": source,
+        "toolkit": variant,
         "switched_off": switched,
+        "float_readers": rewired,
         "activation_quantizers": len(low_bit),
         "top1": top1,
         "seconds": round(time.perf_counter() - started, 1),
@@ -98,6 +149,23 @@ def run(model_name: str, spec: str, source: str, threads: int) -> dict[str, Any]
 
 def model_of(result: dict[str, Any]) -> str:
     return result.get("model", DEFAULT_MODEL)
+
+
+def toolkit_of(result: dict[str, Any]) -> str:
+    """Results written before the script took --toolkits were all fx."""
+    return result.get("toolkit", "fx")
+
+
+def key_of(result: dict[str, Any]) -> tuple[str, str, str, str]:
+    return model_of(result), result["spec"], result["source"], toolkit_of(result)
+
+
+def spread(values: list[float | None]) -> float | None:
+    """Largest minus smallest of the three toolkits; None unless all three are in."""
+    if len(values) < 3 or any(v is None for v in values):
+        return None
+    present = [v for v in values if v is not None]
+    return round(max(present) - min(present), 2)
 
 
 def toolkit_cell(model_name: str, spec: str, source: str, toolkit: str) -> float | None:
@@ -121,26 +189,47 @@ def render(results: list[dict[str, Any]], stale: list[dict[str, Any]]) -> str:
             "# Quantizer placement ablation (generated)\n\nNo current result. Command: "
             f"`python benchmarks/placement.py`.\n{left_out}"
         )
+    matched = {key_of(r): r for r in results}
     rows = []
-    for r in results:
-        row = {"model": model_of(r), "spec": r["spec"], "data": r["source"]}
-        for toolkit in ("fx", "nncf", "brevitas"):
-            row[toolkit] = toolkit_cell(model_of(r), r["spec"], r["source"], toolkit)
-        row["fx, conv/linear inputs only"] = r["top1"]
-        row["quantizers switched off"] = len(r["switched_off"])
+    for model, spec, source in dict.fromkeys(key_of(r)[:3] for r in results):
+        row: dict[str, Any] = {"model": model, "spec": spec, "data": source}
+        own = {t: toolkit_cell(model, spec, source, t) for t in ("fx", "nncf", "brevitas")}
+        row.update(own)
+        same = {}
+        for toolkit in TOOLKITS:
+            result = matched.get((model, spec, source, toolkit))
+            same[toolkit] = None if result is None else result["top1"]
+            row[COLUMNS[toolkit]] = same[toolkit]
+        row["spread, own placement"] = spread(list(own.values()))
+        row["spread, conv/linear inputs only"] = spread([same["fx"], same["nncf"], own["brevitas"]])
+        row["fx to brevitas, Brevitas's placement"] = (
+            None
+            if same[FLOAT_SKIPS] is None or own["brevitas"] is None
+            else round(own["brevitas"] - same[FLOAT_SKIPS], 2)
+        )
         rows.append(row)
     switched = "".join(
-        f"\nSwitched off in {model} fx: {', '.join(names)}.\n"
-        for model, names in {model_of(r): r["switched_off"] for r in results}.items()
+        f"\nSwitched off in {model} {toolkit}: {', '.join(names)}"
+        + (f"; {rewired} readers of kept quantizers read the float tensor" if rewired else "")
+        + ".\n"
+        for (model, toolkit), (names, rewired) in {
+            (model_of(r), toolkit_of(r)): (r["switched_off"], r.get("float_readers", 0))
+            for r in results
+        }.items()
     )
     return (
         "# Quantizer placement ablation (generated)\n\n"
         "genie-m (cpu budget), top-1 (%) on the 10k test set. The columns fx, nncf and "
         "brevitas are the reconstruction benchmark's cells, each toolkit quantizing the tensors "
-        "it chooses; the next is fx with every activation quantizer whose output feeds no "
-        "conv or linear layer switched off (residual branches before their addition, the "
-        "input of global pooling, the logits), the tensors Brevitas quantizes. Command: "
-        "`python benchmarks/placement.py --models resnet20_fmnist mobilenetv2_fmnist`.\n\n"
+        "it chooses. The next two are fx and NNCF with every activation quantizer whose output "
+        "feeds no conv or linear layer switched off (residual branches before their addition, "
+        "the input of global pooling, fx's logits); a kept quantizer still quantizes its "
+        "tensor for every reader, so an identity skip path reads the quantized block input. "
+        "The third is fx with Brevitas's placement exactly: those readers read the float "
+        "tensor too, as in Brevitas, which quantizes a layer's input inside the layer. A "
+        "spread is the largest minus the smallest of the three toolkits, shown when all three "
+        "are in. Command: `python benchmarks/placement.py --models resnet20_fmnist "
+        "mobilenetv2_fmnist --toolkits fx nncf fx-float-skips`.\n\n"
         + markdown_table(rows, list(rows[0]))
         + switched
         + left_out
@@ -153,18 +242,20 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=[DEFAULT_MODEL])
     parser.add_argument("--specs", nargs="+", default=["W3A3"])
     parser.add_argument("--sources", nargs="+", default=["real", "genie"])
+    parser.add_argument("--toolkits", nargs="+", default=["fx"], choices=TOOLKITS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stored = json.loads(OUT.read_text()) if OUT.is_file() else []
-    results = {(model_of(r), r["spec"], r["source"]): r for r in stored}
+    results = {key_of(r): r for r in stored}
     if not args.render_only:
-        for key in itertools.product(args.models, args.specs, args.sources):
+        grid = itertools.product(args.models, args.specs, args.sources, args.toolkits)
+        for key in grid:
             if key in results and is_current_placement(results[key]):
-                log.info("skip %s %s %s (done)", *key)
+                log.info("skip %s %s %s %s (done)", *key)
                 continue
-            log.info("run %s %s %s", *key)
+            log.info("run %s %s %s %s", *key)
             results[key] = run(*key, args.threads)
             write_json(OUT, list(results.values()))
     if results:

@@ -288,9 +288,9 @@ def render() -> str:
         )
         if placement_is_current():
             out.append(
-                "The [placement ablation](reconstruction/placement.md) reconstructs fx with "
-                "only the tensors Brevitas quantizes, which separates the graph's share of a "
-                "spread from the routine's.\n"
+                "The [placement ablation](reconstruction/placement.md) reconstructs fx and "
+                "NNCF with only the tensors Brevitas quantizes, which separates the graph's "
+                "share of a spread from the routine's.\n"
             )
     plot = RESULTS / "reconstruction_accuracy_vs_bits.png"
     if write_plot(cells, plot):

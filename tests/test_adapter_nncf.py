@@ -48,6 +48,14 @@ def test_resnet20_w4a4_layout(resnet20_w4a4):
     # ReLU outputs are quantized unsigned with zero point 0, the normalized image with one.
     assert acts["stem.2"].quant_min == 0 and int(acts["stem.2"].zero_point()) == 0
     assert int(acts["normalize"].zero_point()) > 0
+    # What each activation quantizer feeds: the pooled features reach fc through flatten; a
+    # block's first ReLU feeds its second conv; a residual branch before its addition, and
+    # the last ReLU (re-quantized after pooling), feed no layer.
+    assert acts["pool"].feeds == {"fc"}
+    assert acts["stages.0.0.conv1.2"].feeds == {"stages.0.0.conv2.0"}
+    assert acts["stages.0.0.conv2.0"].feeds == frozenset()
+    assert acts["stages.2.2.relu"].feeds == frozenset()
+    assert acts["stages.1.0.relu"].feeds >= {"stages.1.1.conv1.0"}
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())  # untouched
 
 
