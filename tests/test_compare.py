@@ -211,6 +211,45 @@ def test_adversarial_data_are_made_per_toolkit_and_spec(tmp_path, monkeypatch):
     )
 
 
+def test_parts_of_a_grid_share_one_folder(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_cell(cell, config, images, test, progress, fp32):
+        calls.append(cell.key)
+        return {**cell.__dict__, "top1": 90.0, "fp32_top1": 93.0, "num_test": 200, "timings_s": {}}
+
+    monkeypatch.setattr(compare, "run_cell", fake_cell)
+    monkeypatch.setattr(compare, "calibration_images", lambda *a, **k: None)
+    monkeypatch.setattr(compare, "evaluation_data", lambda *a, **k: None)
+    monkeypatch.setattr(compare, "fp32_top1", lambda *a, **k: 93.0)
+    config = small(data=["real", "noise"])
+    rows = run_grid(config, tmp_path, progress=False, plots=False, only={"data": ["noise"]})
+    assert calls == [
+        "resnet20_fmnist__fx__noise__W8A8__none",
+        "resnet20_fmnist__fx__noise__W4A8__none",
+    ]
+    assert [r["data"] for r in rows] == ["noise", "noise"]
+    rows = run_grid(config, tmp_path, progress=False, plots=False, only={"specs": ["W4A8"]})
+    assert calls[2:] == ["resnet20_fmnist__fx__real__W4A8__none"]  # noise W4A8 is done
+    assert len(rows) == 3  # the folder's results cover every finished cell of the grid
+    with pytest.raises(ValueError, match=r"specs \['W2A4'\] are not in the grid"):
+        config.select({"specs": ["W2A4"]})
+    with pytest.raises(ValueError, match="unknown axis 'spec'; the axes are models"):
+        config.select({"spec": ["W4A8"]})
+    toml = tmp_path / "grid.toml"
+    toml.write_text('[grid]\nmodels = ["resnet20_fmnist"]\ntoolkits = ["fx"]\n'
+                    'data = ["real", "noise"]\nspecs = ["W8A8", "W4A8"]\n')  # fmt: skip
+    assert main(["compare", str(toml), "--out", str(tmp_path / "o"), "--dry-run",
+                 "--only", "data=noise", "--only", "specs=W8A8,W4A8"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.split() == [
+        "resnet20_fmnist__fx__noise__W8A8__none",
+        "resnet20_fmnist__fx__noise__W4A8__none",
+    ]
+    for bad in ("data", "data=", "toolkit=fx"):
+        assert main(["compare", str(toml), "--out", str(tmp_path / "o"), "--only", bad]) == 2
+        assert "--only" in capsys.readouterr().err
+
+
 def test_uninstalled_toolkit_is_named_before_any_work(tmp_path):
     with pytest.raises(ZSQError, match=r"'tensorrt'.*not installed"):
         run_grid(small(toolkits=["tensorrt"]), tmp_path, progress=False)

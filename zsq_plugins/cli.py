@@ -160,7 +160,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_grid_and_print(config: GridConfig, args: argparse.Namespace, plots: bool = True) -> int:
+def _run_grid_and_print(
+    config: GridConfig,
+    args: argparse.Namespace,
+    plots: bool = True,
+    only: dict[str, list[str]] | None = None,
+) -> int:
     """``zsq compare`` and ``zsq demo``: run the grid into ``args.out``, print its table."""
     import torch
 
@@ -168,7 +173,14 @@ def _run_grid_and_print(config: GridConfig, args: argparse.Namespace, plots: boo
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_grid(config, args.out, data_dir=args.data_dir, progress=not args.no_progress, plots=plots)
+    run_grid(
+        config,
+        args.out,
+        data_dir=args.data_dir,
+        progress=not args.no_progress,
+        plots=plots,
+        only=only,
+    )
     print((Path(args.out) / "results.md").read_text(), end="")
     return 0
 
@@ -177,11 +189,30 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from zsq_plugins.compare import GridConfig
 
     config = GridConfig.from_toml(args.config)
+    only = _parse_only(args.only)
+    try:
+        cells = config.select(only)
+    except ValueError as error:
+        raise ZSQError(f"--only: {error}") from None
     if args.dry_run:
-        for cell in config.cells():
+        for cell in cells:
             print(cell.key)
         return 0
-    return _run_grid_and_print(config, args, plots=not args.no_plots)
+    return _run_grid_and_print(config, args, plots=not args.no_plots, only=only)
+
+
+def _parse_only(options: Sequence[str]) -> dict[str, list[str]]:
+    """``--only toolkits=fx,nncf --only specs=W4A4`` as {"toolkits": ["fx", "nncf"], ...}."""
+    only: dict[str, list[str]] = {}
+    for option in options:
+        axis, sep, values = option.partition("=")
+        names = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not axis.strip() or not names:
+            raise ZSQError(
+                f"--only takes AXIS=NAME[,NAME...], e.g. --only toolkits=fx,nncf; got {option!r}"
+            )
+        only.setdefault(axis.strip(), []).extend(names)
+    return only
 
 
 DEMO_MODEL = "resnet20_fmnist"
@@ -300,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", default=None, help="where synthetic sets are cached (default OUT/data)"
     )
     compare.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
+    compare.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="AXIS=NAMES",
+        help="run part of the grid, e.g. --only toolkits=nncf --only specs=W4A4,W3A3 "
+        "(repeatable; processes with different parts can share OUT)",
+    )
     _run_options(compare)
     compare.set_defaults(run=_cmd_compare)
 

@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,17 @@ CALIBRATIONS: dict[str, dict[str, bool]] = {
 }
 """What runs after the toolkit's own calibration: accurate activation clipping (``aac``),
 adaptive BN (``abn``), both, or nothing (``plain``); apply's options of the same names."""
+
+
+AXES = {
+    "models": "model",
+    "toolkits": "toolkit",
+    "data": "data",
+    "specs": "spec",
+    "reconstruct": "reconstruct",
+    "calibration": "calibration",
+}
+"""The grid's axes (config fields) and the Cell field each one sets."""
 
 
 def _names(value: Any, field: str) -> tuple[str, ...]:
@@ -157,6 +168,25 @@ class GridConfig:
                         for spec in self.specs:
                             for toolkit in self.toolkits:
                                 yield Cell(model, toolkit, data, spec, reconstruct, calibration)
+
+    def select(self, only: Mapping[str, Collection[str]]) -> list[Cell]:
+        """The cells whose value on each axis named in ``only`` (``toolkits``, ``specs``,
+        ...) is one of those listed: part of the grid, e.g. one process per toolkit writing
+        into the same results folder."""
+        for axis, values in only.items():
+            if axis not in AXES:
+                raise ValueError(f"unknown axis {axis!r}; the axes are {', '.join(AXES)}")
+            outside = sorted(set(values) - set(getattr(self, axis)))
+            if outside:
+                raise ValueError(
+                    f"{axis} {outside} are not in the grid, whose {axis} are "
+                    f"{list(getattr(self, axis))}"
+                )
+        return [
+            cell
+            for cell in self.cells()
+            if all(getattr(cell, AXES[axis]) in values for axis, values in only.items())
+        ]
 
     def protocol(self) -> dict[str, Any]:
         """The options every cell shares; a results folder holds one protocol only."""
@@ -416,8 +446,10 @@ def run_grid(
     data_dir: str | Path | None = None,
     progress: bool = True,
     plots: bool = True,
+    only: Mapping[str, Collection[str]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Runs every unfinished cell of ``config`` into ``out``; returns all the cells' results.
+    """Runs every unfinished cell of ``config`` (of ``config.select(only)`` with ``only``)
+    into ``out``; returns the results of all the grid's finished cells.
 
     Finished cells are skipped, so a run interrupted at any point resumes; each cell's JSON is
     written atomically the moment it is done. Synthetic sets are cached under ``data_dir``
@@ -428,7 +460,8 @@ def run_grid(
 
     from zsq_plugins.adapter import installed_adapters
 
-    missing = sorted(set(config.toolkits) - set(installed_adapters()))
+    cells = config.select(only) if only else list(config.cells())
+    missing = sorted({cell.toolkit for cell in cells} - set(installed_adapters()))
     if missing:
         raise ZSQError(
             f"toolkit(s) {missing} are not installed here; installed: "
@@ -437,7 +470,6 @@ def run_grid(
         )
     results = GridResults(out, config)
     results.check_protocol()
-    cells = list(config.cells())
     todo = [cell for cell in cells if results.finished(cell) is None]
     log.info("%d cells, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
     # One calibration set and one test set in memory at a time: the grid's order groups cells
