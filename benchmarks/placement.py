@@ -1,14 +1,14 @@
 """Placement ablation: is a toolkit gap after reconstruction the routine's or the graph's?
 
     python benchmarks/placement.py --models resnet20_fmnist mobilenetv2_fmnist --specs W3A3 \
-        --toolkits fx nncf fx-float-skips
+        --toolkits fx nncf fx-float-skips nncf-float-skips
 
 The toolkits do not quantize the same tensors. Brevitas (layerwise) quantizes only the inputs
 of conv and linear layers; torch.ao FX and NNCF also quantize each residual branch before its
 addition and the input of global pooling, and FX the logits too. This runs the
 reconstruction benchmark's genie-m cell again in fx and in NNCF with their other activation
 quantizers switched off through the handles (each one whose output reaches no conv or linear
-layer), so that every toolkit quantizes the tensors Brevitas does, and in fx once more with
+layer), so that every toolkit quantizes the tensors Brevitas does, and in both once more with
 the skip paths reading float tensors as Brevitas's do; it tabulates them beside
 the three toolkits' own cells (docs/results/reconstruction/cells/) with the spread under each
 placement. Writes docs/results/reconstruction/placement.json and placement.md.
@@ -17,6 +17,7 @@ placement. Writes docs/results/reconstruction/placement.json and placement.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import logging
@@ -47,14 +48,14 @@ OUT = RESULTS / "reconstruction" / "placement.json"
 log = logging.getLogger("benchmarks.placement")
 
 
-FLOAT_SKIPS = "fx-float-skips"
-TOOLKITS = ("fx", "nncf", FLOAT_SKIPS)
+TOOLKITS = ("fx", "nncf", "fx-float-skips", "nncf-float-skips")
 """The ablation's rows: fx and NNCF with the quantizers off conv/linear inputs switched off,
-and fx with Brevitas's placement exactly (``fx_layer_inputs_only``, float skip paths too)."""
+and both again with Brevitas's placement exactly (float skip paths too)."""
 COLUMNS = {
     "fx": "fx, conv/linear inputs only",
     "nncf": "nncf, conv/linear inputs only",
-    FLOAT_SKIPS: "fx, Brevitas's placement (float skips)",
+    "fx-float-skips": "fx, Brevitas's placement",
+    "nncf-float-skips": "nncf, Brevitas's placement",
 }
 
 
@@ -95,26 +96,54 @@ def fx_layer_inputs_only(quantized: QuantizedModel, float_readers: bool) -> tupl
     return switched, rewired
 
 
-def quantizers_off_layer_inputs(quantized: QuantizedModel, variant: str) -> tuple[list[str], int]:
-    """Brevitas's placement in fx (``fx_layer_inputs_only``) or NNCF: there, each enabled
-    activation quantizer whose output reaches no conv or linear layer (through unquantized
-    pooling or flatten, as the adapter's handles record it) is switched off; a kept one still
-    quantizes the tensor for every reader (NNCF's quantizers are hooks on the producing op).
-    Returns the layers switched off and the edges rewired."""
-    if quantized.toolkit == "fx":
-        return fx_layer_inputs_only(quantized, float_readers=variant == FLOAT_SKIPS)
-    if quantized.toolkit != "nncf":
-        raise ValueError(f"no placement switch for toolkit {quantized.toolkit!r}")
-    switched = []
+def nncf_layer_inputs_only(quantized: QuantizedModel, float_readers: bool) -> tuple[list[str], int]:
+    """Gives an NNCF model Brevitas's placement: switches off each activation quantizer whose
+    output reaches no conv or linear layer (through unquantized pooling or flatten, as the
+    adapter's handles record it), and with ``float_readers`` takes every kept one off the op
+    that produces its tensor (NNCF's hook, which every reader sees) and runs it in a forward
+    pre-hook of each layer it feeds instead, so that other readers read the float tensor.
+    Returns the layers switched off and the number of quantizers moved."""
+    from nncf.torch.function_hook.wrapper import get_hook_storage
+
+    switched, kept = [], []
     for handle in quantized.activation_handles():
         if handle.enabled and not handle.feeds:
             handle.set_enabled(False)
             switched.append(handle.layer)
-    return switched, 0
+        elif handle.enabled:
+            kept.append(handle)
+    if not float_readers:
+        return switched, 0
+    storage = get_hook_storage(quantized.model)
+    for handle in kept:
+        for name, module in list(storage.named_hooks(remove_duplicate=False)):
+            if module is handle.module:
+                storage.set_submodule(name, nn.Identity())
+        for layer in sorted(handle.feeds):
+            quantized.model.get_submodule(layer).register_forward_pre_hook(
+                functools.partial(quantize_input, handle.module)
+            )
+    return switched, len(kept)
+
+
+def quantize_input(quantizer: nn.Module, _: nn.Module, args: tuple) -> tuple:
+    return (quantizer(args[0]), *args[1:])
+
+
+def quantizers_off_layer_inputs(quantized: QuantizedModel, variant: str) -> tuple[list[str], int]:
+    """Brevitas's placement, or with ``variant`` fx or nncf only the quantizers off layer
+    inputs switched off (a kept one still quantizes the tensor for every reader). Returns the
+    layers switched off and the readers (fx) or quantizers (NNCF) moved."""
+    float_readers = variant.endswith("-float-skips")
+    if quantized.toolkit == "fx":
+        return fx_layer_inputs_only(quantized, float_readers)
+    if quantized.toolkit == "nncf":
+        return nncf_layer_inputs_only(quantized, float_readers)
+    raise ValueError(f"no placement switch for toolkit {quantized.toolkit!r}")
 
 
 def run(model_name: str, spec: str, source: str, variant: str, threads: int) -> dict[str, Any]:
-    toolkit = "fx" if variant == FLOAT_SKIPS else variant
+    toolkit = variant.removesuffix("-float-skips")
     torch.set_num_threads(threads)
     if source == "real":
         images = calibration_subset(1024, seed=0)
@@ -138,7 +167,7 @@ def run(model_name: str, spec: str, source: str, variant: str, threads: int) -> 
         "source": source,
         "toolkit": variant,
         "switched_off": switched,
-        "float_readers": rewired,
+        "float_readers": rewired,  # fx: readers rewired; NNCF: quantizers moved
         "activation_quantizers": len(low_bit),
         "top1": top1,
         "seconds": round(time.perf_counter() - started, 1),
@@ -202,17 +231,13 @@ def render(results: list[dict[str, Any]], stale: list[dict[str, Any]]) -> str:
             row[COLUMNS[toolkit]] = same[toolkit]
         row["spread, own placement"] = spread(list(own.values()))
         row["spread, conv/linear inputs only"] = spread([same["fx"], same["nncf"], own["brevitas"]])
-        row["fx to brevitas, Brevitas's placement"] = (
-            None
-            if same[FLOAT_SKIPS] is None or own["brevitas"] is None
-            else round(own["brevitas"] - same[FLOAT_SKIPS], 2)
+        row["spread, Brevitas's placement"] = spread(
+            [same["fx-float-skips"], same["nncf-float-skips"], own["brevitas"]]
         )
         rows.append(row)
     switched = "".join(
-        f"\nSwitched off in {model} {toolkit}: {', '.join(names)}"
-        + (f"; {rewired} readers of kept quantizers read the float tensor" if rewired else "")
-        + ".\n"
-        for (model, toolkit), (names, rewired) in {
+        f"\nSwitched off in {model} {toolkit}: {', '.join(names)}{moved_note(toolkit, moved)}.\n"
+        for (model, toolkit), (names, moved) in {
             (model_of(r), toolkit_of(r)): (r["switched_off"], r.get("float_readers", 0))
             for r in results
         }.items()
@@ -225,16 +250,29 @@ def render(results: list[dict[str, Any]], stale: list[dict[str, Any]]) -> str:
         "feeds no conv or linear layer switched off (residual branches before their addition, "
         "the input of global pooling, fx's logits); a kept quantizer still quantizes its "
         "tensor for every reader, so an identity skip path reads the quantized block input. "
-        "The third is fx with Brevitas's placement exactly: those readers read the float "
-        "tensor too, as in Brevitas, which quantizes a layer's input inside the layer. A "
-        "spread is the largest minus the smallest of the three toolkits, shown when all three "
-        "are in. Command: `python benchmarks/placement.py --models resnet20_fmnist "
-        "mobilenetv2_fmnist --toolkits fx nncf fx-float-skips`.\n\n"
+        "The two after are fx and NNCF with Brevitas's placement exactly: those readers read "
+        "the float tensor too, as in Brevitas, which quantizes a layer's input inside the "
+        "layer. A spread is the largest minus the smallest of the three toolkits, shown when "
+        "all three are in. Command: `python benchmarks/placement.py --models resnet20_fmnist "
+        "mobilenetv2_fmnist --toolkits fx nncf fx-float-skips nncf-float-skips`.\n\n"
         + markdown_table(rows, list(rows[0]))
         + switched
         + left_out
         + environment_footer(results[0]["environment"])
     )
+
+
+def moved_note(toolkit: str, moved: int) -> str:
+    if not moved:
+        return ""
+    if toolkit.startswith("nncf"):
+        return f"; {moved} kept quantizers moved into the layers they feed"
+    return f"; {moved} readers of kept quantizers rewired to the float tensor"
+
+
+def stored_results() -> dict[tuple[str, str, str, str], dict[str, Any]]:
+    stored = json.loads(OUT.read_text()) if OUT.is_file() else []
+    return {key_of(r): r for r in stored}
 
 
 def main() -> None:
@@ -247,8 +285,7 @@ def main() -> None:
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    stored = json.loads(OUT.read_text()) if OUT.is_file() else []
-    results = {key_of(r): r for r in stored}
+    results = stored_results()
     if not args.render_only:
         grid = itertools.product(args.models, args.specs, args.sources, args.toolkits)
         for key in grid:
@@ -256,7 +293,9 @@ def main() -> None:
                 log.info("skip %s %s %s %s (done)", *key)
                 continue
             log.info("run %s %s %s %s", *key)
-            results[key] = run(*key, args.threads)
+            result = run(*key, args.threads)
+            # Read again before writing: another process may have added its results since.
+            results = {**stored_results(), key: result}
             write_json(OUT, list(results.values()))
     if results:
         current = [r for r in results.values() if is_current_placement(r)]
