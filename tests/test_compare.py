@@ -232,6 +232,15 @@ def test_parts_of_a_grid_share_one_folder(tmp_path, monkeypatch, capsys):
     rows = run_grid(config, tmp_path, progress=False, plots=False, only={"specs": ["W4A8"]})
     assert calls[2:] == ["resnet20_fmnist__fx__real__W4A8__none"]  # noise W4A8 is done
     assert len(rows) == 3  # the folder's results cover every finished cell of the grid
+    record = json.loads((tmp_path / "results.json").read_text())
+    record["environment"]["torch_threads"] = 7  # as if measured elsewhere
+    record["peak_rss_mib"] = 1e6
+    (tmp_path / "results.json").write_text(json.dumps(record))
+    rows = run_grid(config, tmp_path, progress=False, plots=False, render_only=True)
+    assert len(calls) == 3 and len(rows) == 3  # nothing ran, every finished cell is rendered
+    rendered = json.loads((tmp_path / "results.json").read_text())
+    assert rendered["environment"]["torch_threads"] == 7  # the measuring run's environment
+    assert rendered["peak_rss_mib"] == 1e6  # the largest peak of the folder's runs
     with pytest.raises(ValueError, match=r"specs \['W2A4'\] are not in the grid"):
         config.select({"specs": ["W2A4"]})
     with pytest.raises(ValueError, match="unknown axis 'spec'; the axes are models"):

@@ -165,6 +165,7 @@ def _run_grid_and_print(
     args: argparse.Namespace,
     plots: bool = True,
     only: dict[str, list[str]] | None = None,
+    render_only: bool = False,
 ) -> int:
     """``zsq compare`` and ``zsq demo``: run the grid into ``args.out``, print its table."""
     import torch
@@ -180,6 +181,7 @@ def _run_grid_and_print(
         progress=not args.no_progress,
         plots=plots,
         only=only,
+        render_only=render_only,
     )
     print((Path(args.out) / "results.md").read_text(), end="")
     return 0
@@ -198,7 +200,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         for cell in cells:
             print(cell.key)
         return 0
-    return _run_grid_and_print(config, args, plots=not args.no_plots, only=only)
+    return _run_grid_and_print(
+        config, args, plots=not args.no_plots, only=only, render_only=args.render_only
+    )
 
 
 def _parse_only(options: Sequence[str]) -> dict[str, list[str]]:
@@ -327,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("config", help="a TOML file with a [grid] table")
     compare.add_argument("--out", required=True, help="results folder (reused to resume)")
     compare.add_argument("--dry-run", action="store_true", help="list the cells and stop")
+    compare.add_argument(
+        "--render-only",
+        action="store_true",
+        help="write the tables and plots from the finished cells; run nothing",
+    )
     compare.add_argument(
         "--data-dir", default=None, help="where synthetic sets are cached (default OUT/data)"
     )

@@ -447,9 +447,11 @@ def run_grid(
     progress: bool = True,
     plots: bool = True,
     only: Mapping[str, Collection[str]] | None = None,
+    render_only: bool = False,
 ) -> list[dict[str, Any]]:
-    """Runs every unfinished cell of ``config`` (of ``config.select(only)`` with ``only``)
-    into ``out``; returns the results of all the grid's finished cells.
+    """Runs every unfinished cell of ``config`` (of ``config.select(only)`` with ``only``;
+    none with ``render_only``) into ``out``; returns the results of all the grid's finished
+    cells.
 
     Finished cells are skipped, so a run interrupted at any point resumes; each cell's JSON is
     written atomically the moment it is done. Synthetic sets are cached under ``data_dir``
@@ -470,7 +472,7 @@ def run_grid(
         )
     results = GridResults(out, config)
     results.check_protocol()
-    todo = [cell for cell in cells if results.finished(cell) is None]
+    todo = [] if render_only else [cell for cell in cells if results.finished(cell) is None]
     log.info("%d cells, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
     # One calibration set and one test set in memory at a time: the grid's order groups cells
     # by model and data source.
@@ -504,13 +506,21 @@ def run_grid(
         results.record(cell, result)
         log.info("%s: top-1 %.2f", cell.key, result["top1"])
     rows = results.collected()
+    folder = Path(out)
+    # Several processes may fill one folder (run_grid's ``only``), and a later one may run
+    # nothing: the record keeps the environment of a process that measured, and the largest
+    # peak RSS of them all.
+    previous = _stored_record(folder / "results.json")
+    peak = round(peak_rss_mib(), 1) if todo else None
+    if previous.get("peak_rss_mib") is not None:
+        peak = max(peak or 0.0, previous["peak_rss_mib"])
     record = {
         "config": config.to_dict(),
-        "environment": environment_info(),
-        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "environment": previous.get("environment") if not todo and previous else None,
+        "peak_rss_mib": peak,
         "cells": rows,
     }
-    folder = Path(out)
+    record["environment"] = record["environment"] or environment_info()
     write_json(folder / "results.json", record)
     write_text_atomic(folder / "results.md", render_markdown(record))
     if plots:
@@ -522,6 +532,16 @@ def run_grid(
         except MissingPlotting as error:
             log.warning("%s", error)
     return rows
+
+
+def _stored_record(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        log.warning("%s is damaged; it is written again", path)
+        return {}
 
 
 def spec_order(label: str) -> tuple[int, int]:
