@@ -290,7 +290,8 @@ def render() -> str:
             out.append(
                 "The [placement ablation](reconstruction/placement.md) reconstructs fx and "
                 "NNCF with only the tensors Brevitas quantizes, which separates the graph's "
-                "share of a spread from the routine's.\n"
+                "share of a spread from the routine's; its rows above compare the three "
+                "toolkits under one placement.\n"
             )
     plot = RESULTS / "reconstruction_accuracy_vs_bits.png"
     if write_plot(cells, plot):
@@ -303,6 +304,28 @@ def is_current_placement(result: dict[str, Any]) -> bool:
     """Whether a result of benchmarks/placement.py (fx, genie-m, cpu budget) was made with
     today's routine and configuration."""
     return is_current({**result, "method": "genie-m", "budget": "cpu"})
+
+
+PLACEMENTS = {
+    "": "conv/linear inputs only",
+    "-float-skips": "Brevitas's placement",
+}
+"""benchmarks/placement.py's variants (suffix of fx and nncf) and what they match."""
+
+
+def matched_placements() -> dict[tuple[str, str, str, str], dict[str, float]]:
+    """fx and NNCF top-1 from the placement ablation (current results only), by model, spec,
+    data and placement matched to Brevitas's."""
+    path = RESULTS / "reconstruction" / "placement.json"
+    found: dict[tuple[str, str, str, str], dict[str, float]] = {}
+    for result in json.loads(path.read_text()) if path.is_file() else []:
+        if not is_current_placement(result):
+            continue
+        toolkit, _, suffix = result.get("toolkit", "fx").partition("-")
+        placement = PLACEMENTS[f"-{suffix}" if suffix else ""]
+        key = (result.get("model", "resnet20_fmnist"), result["spec"], result["source"], placement)
+        found.setdefault(key, {})[toolkit] = result["top1"]
+    return found
 
 
 def placement_is_current() -> bool:
@@ -403,6 +426,14 @@ def target_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if len(by_toolkit) == 3:
             low, high = min(by_toolkit, key=by_toolkit.get), max(by_toolkit, key=by_toolkit.get)
             add("toolkit spread after genie-m", f"{model} {spec} {source} ({low} to {high})",
+                by_toolkit[high] - by_toolkit[low], TOOLKIT_SPREAD)  # fmt: skip
+    for (model, spec, source, placement), by_toolkit in matched_placements().items():
+        brevitas = top1.get((model, spec, "brevitas", source, "genie-m"))
+        if brevitas is not None and len(by_toolkit) == 2:
+            by_toolkit = {**by_toolkit, "brevitas": brevitas}
+            low, high = min(by_toolkit, key=by_toolkit.get), max(by_toolkit, key=by_toolkit.get)
+            add(f"toolkit spread after genie-m, {placement}",
+                f"{model} {spec} {source} ({low} to {high})",
                 by_toolkit[high] - by_toolkit[low], TOOLKIT_SPREAD)  # fmt: skip
     for c in cells:
         cpu = top1.get((c["model"], c["spec"], c["toolkit"], c["source"], c["method"]))
