@@ -191,10 +191,9 @@ def key_of(result: dict[str, Any]) -> tuple[str, str, str, str]:
 
 def spread(values: list[float | None]) -> float | None:
     """Largest minus smallest of the three toolkits; None unless all three are in."""
-    if len(values) < 3 or any(v is None for v in values):
+    if any(v is None for v in values):
         return None
-    present = [v for v in values if v is not None]
-    return round(max(present) - min(present), 2)
+    return round(max(values) - min(values), 2)
 
 
 def toolkit_cell(model_name: str, spec: str, source: str, toolkit: str) -> float | None:

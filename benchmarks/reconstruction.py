@@ -417,6 +417,12 @@ def target_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if (model, spec) in ZERO_SHOT_GAP and real is not None and zero_shot:
             add("real - best zero-shot (genie-m)", f"{model} {spec} {toolkit}",
                 real - max(zero_shot), ZERO_SHOT_GAP[(model, spec)])  # fmt: skip
+
+    def add_spread(target: str, where: str, by_toolkit: dict[str, float]) -> None:
+        low, high = min(by_toolkit, key=by_toolkit.get), max(by_toolkit, key=by_toolkit.get)
+        add(target, f"{where} ({low} to {high})", by_toolkit[high] - by_toolkit[low],
+            TOOLKIT_SPREAD)  # fmt: skip
+
     for model, spec, source in sorted({(m, s, src) for m, s, _, src, _ in top1}):
         by_toolkit = {
             t: value
@@ -424,17 +430,13 @@ def target_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if (m, s, src, method) == (model, spec, source, "genie-m")
         }
         if len(by_toolkit) == 3:
-            low, high = min(by_toolkit, key=by_toolkit.get), max(by_toolkit, key=by_toolkit.get)
-            add("toolkit spread after genie-m", f"{model} {spec} {source} ({low} to {high})",
-                by_toolkit[high] - by_toolkit[low], TOOLKIT_SPREAD)  # fmt: skip
+            add_spread("toolkit spread after genie-m", f"{model} {spec} {source}", by_toolkit)
     for (model, spec, source, placement), by_toolkit in matched_placements().items():
         brevitas = top1.get((model, spec, "brevitas", source, "genie-m"))
         if brevitas is not None and len(by_toolkit) == 2:
             by_toolkit = {**by_toolkit, "brevitas": brevitas}
-            low, high = min(by_toolkit, key=by_toolkit.get), max(by_toolkit, key=by_toolkit.get)
-            add(f"toolkit spread after genie-m, {placement}",
-                f"{model} {spec} {source} ({low} to {high})",
-                by_toolkit[high] - by_toolkit[low], TOOLKIT_SPREAD)  # fmt: skip
+            target = f"toolkit spread after genie-m, {placement}"
+            add_spread(target, f"{model} {spec} {source}", by_toolkit)
     for c in cells:
         cpu = top1.get((c["model"], c["spec"], c["toolkit"], c["source"], c["method"]))
         if c["budget"] == "paper" and c["method"] == "genie-m" and cpu is not None:

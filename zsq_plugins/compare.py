@@ -514,13 +514,13 @@ def run_grid(
     peak = round(peak_rss_mib(), 1) if todo else None
     if previous.get("peak_rss_mib") is not None:
         peak = max(peak or 0.0, previous["peak_rss_mib"])
+    measured = None if todo else previous.get("environment")
     record = {
         "config": config.to_dict(),
-        "environment": previous.get("environment") if not todo and previous else None,
+        "environment": measured or environment_info(),
         "peak_rss_mib": peak,
         "cells": rows,
     }
-    record["environment"] = record["environment"] or environment_info()
     write_json(folder / "results.json", record)
     write_text_atomic(folder / "results.md", render_markdown(record))
     if plots:
