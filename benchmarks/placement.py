@@ -25,7 +25,15 @@ import time
 from typing import Any
 
 import torch
-from reconstruction import CELLS, RESULTS, ROOT, cell_name, is_current, is_current_placement
+from reconstruction import (
+    CELLS,
+    PLACEMENT_RESULTS,
+    ROOT,
+    cell_name,
+    is_current,
+    is_current_placement,
+    stored_placement_results,
+)
 from synthetic_cache import cached_synthesize
 from torch import nn
 
@@ -44,7 +52,6 @@ from zsq_plugins.reporting import (
 
 # Results written before the script took --models were all made on this model.
 DEFAULT_MODEL = "resnet20_fmnist"
-OUT = RESULTS / "reconstruction" / "placement.json"
 log = logging.getLogger("benchmarks.placement")
 
 
@@ -270,8 +277,7 @@ def moved_note(toolkit: str, moved: int) -> str:
 
 
 def stored_results() -> dict[tuple[str, str, str, str], dict[str, Any]]:
-    stored = json.loads(OUT.read_text()) if OUT.is_file() else []
-    return {key_of(r): r for r in stored}
+    return {key_of(r): r for r in stored_placement_results()}
 
 
 def main() -> None:
@@ -295,11 +301,11 @@ def main() -> None:
             result = run(*key, args.threads)
             # Read again before writing: another process may have added its results since.
             results = {**stored_results(), key: result}
-            write_json(OUT, list(results.values()))
+            write_json(PLACEMENT_RESULTS, list(results.values()))
     if results:
         current = [r for r in results.values() if is_current_placement(r)]
         text = render(current, [r for r in results.values() if not is_current_placement(r)])
-        write_text_atomic(OUT.with_suffix(".md"), text)
+        write_text_atomic(PLACEMENT_RESULTS.with_suffix(".md"), text)
         print(text)
 
 

@@ -313,12 +313,22 @@ PLACEMENTS = {
 """benchmarks/placement.py's variants (suffix of fx and nncf) and what they match."""
 
 
+PLACEMENT_RESULTS = RESULTS / "reconstruction" / "placement.json"
+"""benchmarks/placement.py's results: a JSON list, one entry per model, spec, data and toolkit."""
+
+
+def stored_placement_results() -> list[dict[str, Any]]:
+    """Every result of benchmarks/placement.py, current or not (empty before its first run)."""
+    if not PLACEMENT_RESULTS.is_file():
+        return []
+    return json.loads(PLACEMENT_RESULTS.read_text())
+
+
 def matched_placements() -> dict[tuple[str, str, str, str], dict[str, float]]:
     """fx and NNCF top-1 from the placement ablation (current results only), by model, spec,
     data and placement matched to Brevitas's."""
-    path = RESULTS / "reconstruction" / "placement.json"
     found: dict[tuple[str, str, str, str], dict[str, float]] = {}
-    for result in json.loads(path.read_text()) if path.is_file() else []:
+    for result in stored_placement_results():
         if not is_current_placement(result):
             continue
         toolkit, _, suffix = result.get("toolkit", "fx").partition("-")
@@ -330,10 +340,7 @@ def matched_placements() -> dict[tuple[str, str, str, str], dict[str, float]]:
 
 def placement_is_current() -> bool:
     """Whether benchmarks/placement.py has a current result."""
-    path = RESULTS / "reconstruction" / "placement.json"
-    if not path.is_file():
-        return False
-    return any(is_current_placement(r) for r in json.loads(path.read_text()))
+    return any(is_current_placement(r) for r in stored_placement_results())
 
 
 def generation_seconds(model: str, preset: str) -> float | None:
