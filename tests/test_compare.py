@@ -241,6 +241,11 @@ def test_parts_of_a_grid_share_one_folder(tmp_path, monkeypatch, capsys):
     rendered = json.loads((tmp_path / "results.json").read_text())
     assert rendered["environment"]["torch_threads"] == 7  # the measuring run's environment
     assert rendered["peak_rss_mib"] == 1e6  # the largest peak of the folder's runs
+    (tmp_path / "results.json").unlink()  # cells written by runs that have not finished yet
+    run_grid(config, tmp_path, progress=False, plots=False, render_only=True)
+    rendered = json.loads((tmp_path / "results.json").read_text())
+    assert rendered["environment"] is None  # not the rendering process's own threads
+    assert "no run that measured them has recorded" in (tmp_path / "results.md").read_text()
     with pytest.raises(ValueError, match=r"specs \['W2A4'\] are not in the grid"):
         config.select({"specs": ["W2A4"]})
     with pytest.raises(ValueError, match="unknown axis 'spec'; the axes are models"):

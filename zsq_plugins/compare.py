@@ -514,10 +514,11 @@ def run_grid(
     peak = round(peak_rss_mib(), 1) if todo else None
     if previous.get("peak_rss_mib") is not None:
         peak = max(peak or 0.0, previous["peak_rss_mib"])
-    measured = None if todo else previous.get("environment")
+    # A process that ran nothing (render-only, or every cell already done) did not measure: it
+    # keeps the stored environment, or records none rather than its own.
     record = {
         "config": config.to_dict(),
-        "environment": measured or environment_info(),
+        "environment": environment_info() if todo else previous.get("environment"),
         "peak_rss_mib": peak,
         "cells": rows,
     }
@@ -603,7 +604,13 @@ def render_markdown(record: dict[str, Any]) -> str:
             out.extend(_against_real_data(mine, toolkits, specs, reconstruct, calibration, title))
         for reconstruct in dict.fromkeys(r for r, _ in settings):
             out.extend(_calibration_effects(mine, toolkits, specs, reconstruct))
-    out.append(environment_footer(record["environment"]))
+    if record.get("environment"):
+        out.append(environment_footer(record["environment"]))
+    else:
+        out.append(
+            "\n_Rendered from finished cells; no run that measured them has recorded its "
+            "environment yet._\n"
+        )
     return "".join(out)
 
 
