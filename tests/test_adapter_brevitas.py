@@ -3,15 +3,19 @@ points, asymmetric weights, and the errors."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
 from tests.conftest import requires_package
-from tests.test_adapter_conformance import _expected, _through, quantize, tiny_model
-from zsq_plugins import QuantSpec, zoo
+from tests.test_adapter_conformance import (
+    _expected,
+    _through,
+    quantize,
+    quantize_resnet20,
+    tiny_model,
+)
+from zsq_plugins import QuantSpec
 from zsq_plugins.adapter import QuantizerKind, get_adapter
 from zsq_plugins.quant.fold import fold_batchnorm
 
@@ -24,12 +28,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def resnet20_w4a4():
-    torch.manual_seed(0)
-    model = zoo.card("resnet20_fmnist").build().eval()
-    original = copy.deepcopy(model.state_dict())
-    data = [torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in (0, 1)]
-    quantized = get_adapter("brevitas").quantize(model, QuantSpec.parse("W4A4"), data, data[0])
-    return model, original, quantized, data
+    return quantize_resnet20("brevitas")
 
 
 def test_resnet20_w4a4_layout(resnet20_w4a4):

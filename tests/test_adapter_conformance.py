@@ -6,11 +6,13 @@ is missing is skipped with the pip extra to install.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from zsq_plugins import QuantSpec
+from zsq_plugins import QuantSpec, zoo
 from zsq_plugins.adapter import ADAPTERS, QuantizedModel, get_adapter
 from zsq_plugins.errors import MissingDependencyError, UnknownPluginError
 from zsq_plugins.testing import (
@@ -29,7 +31,7 @@ BUILT_IN = ["brevitas", "fx", "nncf", "pt2e"]
 
 # Helpers the toolkit-specific test modules share.
 _expected, _through = expected_output, quantizer_io
-__all__ = ["BUILT_IN", "_expected", "_through", "quantize", "tiny_model"]
+__all__ = ["BUILT_IN", "_expected", "_through", "quantize", "quantize_resnet20", "tiny_model"]
 
 
 def _adapter_or_skip(name: str):
@@ -43,6 +45,19 @@ def quantize(
     name: str, model: nn.Module, spec: QuantSpec
 ) -> tuple[QuantizedModel, list[torch.Tensor]]:
     return quantize_tiny(_adapter_or_skip(name), model, spec)
+
+
+def quantize_resnet20(
+    name: str, spec: str = "W4A4"
+) -> tuple[nn.Module, dict[str, torch.Tensor], QuantizedModel, list[torch.Tensor]]:
+    """The zoo's resnet20_fmnist (random weights), a copy of its state, the toolkit's quantized
+    model calibrated on two seeded batches, and those batches."""
+    torch.manual_seed(0)
+    model = zoo.card("resnet20_fmnist").build().eval()
+    original = copy.deepcopy(model.state_dict())
+    data = [torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in (0, 1)]
+    quantized = _adapter_or_skip(name).quantize(model, QuantSpec.parse(spec), data, data[0])
+    return model, original, quantized, data
 
 
 def test_built_in_adapters_are_registered():
