@@ -508,14 +508,12 @@ def run_grid(
     rows = results.collected()
     folder = Path(out)
     # Several processes may fill one folder (run_grid's ``only``), and a later one may run
-    # nothing: the record keeps the environment of a process that measured, and the largest
-    # peak RSS of them all.
+    # nothing (render-only, or every cell already done): it did not measure, so the record
+    # keeps the stored environment (or none rather than its own) and the largest peak RSS.
     previous = _stored_record(folder / "results.json")
     peak = round(peak_rss_mib(), 1) if todo else None
     if previous.get("peak_rss_mib") is not None:
         peak = max(peak or 0.0, previous["peak_rss_mib"])
-    # A process that ran nothing (render-only, or every cell already done) did not measure: it
-    # keeps the stored environment, or records none rather than its own.
     record = {
         "config": config.to_dict(),
         "environment": environment_info() if todo else previous.get("environment"),
