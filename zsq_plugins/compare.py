@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -526,8 +526,8 @@ def run_grid(
         from zsq_plugins.plots import MissingPlotting, accuracy_vs_bits, cost_bars
 
         try:
-            accuracy_vs_bits(rows, folder / "accuracy_vs_bits.png")
-            cost_bars(rows, folder / "cost.png")
+            accuracy_vs_bits(rows, folder / "accuracy_vs_bits.png", config.toolkits)
+            cost_bars(rows, folder / "cost.png", config.toolkits)
         except MissingPlotting as error:
             log.warning("%s", error)
     return rows
@@ -548,6 +548,14 @@ def spec_order(label: str) -> tuple[int, int]:
     order of every table row and plot axis."""
     spec = QuantSpec.parse(label)
     return -(spec.weight_bits + spec.act_bits), -spec.act_bits
+
+
+def in_grid_order(values: Iterable[str], grid: Sequence[str] = ()) -> list[str]:
+    """The distinct ``values``: those the grid lists first, in its order, then any others as
+    they come. A column's place must not depend on which cells have finished: with the
+    first spec's nncf cell still missing, first appearance would put nncf last."""
+    present = dict.fromkeys(values)
+    return [v for v in grid if v in present] + [v for v in present if v not in grid]
 
 
 METRICS = {
@@ -573,7 +581,7 @@ def render_markdown(record: dict[str, Any]) -> str:
         out.append(
             f"\n## {model} (FP32 {mine[0]['fp32_top1']:.2f}%, {mine[0]['num_test']} test images)\n"
         )
-        toolkits = list(dict.fromkeys(r["toolkit"] for r in mine))
+        toolkits = in_grid_order((r["toolkit"] for r in mine), record["config"]["toolkits"])
         specs = sorted(dict.fromkeys(r["spec"] for r in mine), key=spec_order)
         settings = dict.fromkeys((r["reconstruct"], r.get("calibration", PLAIN)) for r in mine)
         for reconstruct, calibration in settings:
@@ -582,7 +590,7 @@ def render_markdown(record: dict[str, Any]) -> str:
                 title = f"{calibration}, {title}"
             for metric, heading in METRICS.items():
                 table = []
-                for data in dict.fromkeys(r["data"] for r in mine):
+                for data in in_grid_order((r["data"] for r in mine), record["config"]["data"]):
                     for spec in specs:
                         cells = {
                             r["toolkit"]: r.get(metric)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from zsq_plugins.compare import spec_order
+from zsq_plugins.compare import in_grid_order, spec_order
 from zsq_plugins.errors import MissingDependencyError
 
 
@@ -38,12 +38,15 @@ def _label(setting: tuple[str, str, str]) -> str:
     return " + ".join(part for part in setting if part not in ("none", "plain"))
 
 
-def accuracy_vs_bits(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """One panel per toolkit (per model): top-1 against the spec, fewest bits to the right,
-    a line per (data, calibration, reconstruction), and FP32 as a dashed line."""
+def accuracy_vs_bits(
+    rows: Sequence[dict[str, Any]], path: str | Path, toolkits: Sequence[str] = ()
+) -> Path:
+    """One panel per toolkit (per model; in the order of ``toolkits``, the grid's, where
+    given): top-1 against the spec, fewest bits to the right, a line per (data, calibration,
+    reconstruction), and FP32 as a dashed line."""
     plt = _pyplot()
     models = list(dict.fromkeys(r["model"] for r in rows))
-    toolkits = list(dict.fromkeys(r["toolkit"] for r in rows))
+    toolkits = in_grid_order((r["toolkit"] for r in rows), toolkits)
     figure, axes = plt.subplots(
         len(models),
         len(toolkits),
@@ -92,13 +95,15 @@ def accuracy_vs_bits(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def cost_bars(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+def cost_bars(
+    rows: Sequence[dict[str, Any]], path: str | Path, toolkits: Sequence[str] = ()
+) -> Path:
     """Median seconds of each pipeline step per toolkit (data, calibrate, the corrections
-    after it, reconstruct)."""
+    after it, reconstruct), toolkits in the order of ``toolkits`` where given."""
     import statistics
 
     plt = _pyplot()
-    toolkits = list(dict.fromkeys(r["toolkit"] for r in rows))
+    toolkits = in_grid_order((r["toolkit"] for r in rows), toolkits)
     steps = {
         "data": "data",
         "quantize_and_calibrate": "calibrate",
