@@ -552,8 +552,9 @@ def spec_order(label: str) -> tuple[int, int]:
 
 def in_grid_order(values: Iterable[str], grid: Sequence[str] = ()) -> list[str]:
     """The distinct ``values``: those the grid lists first, in its order, then any others as
-    they come. A column's place must not depend on which cells have finished: with the
-    first spec's nncf cell still missing, first appearance would put nncf last."""
+    they come. A column's place must not depend on which cells have finished: the grid's
+    cells vary the toolkit fastest, so with the first spec's nncf cell still missing, first
+    appearance would put nncf last. (Data sources vary slowest: rows keep their order.)"""
     present = dict.fromkeys(values)
     return [v for v in grid if v in present] + [v for v in present if v not in grid]
 
@@ -590,7 +591,7 @@ def render_markdown(record: dict[str, Any]) -> str:
                 title = f"{calibration}, {title}"
             for metric, heading in METRICS.items():
                 table = []
-                for data in in_grid_order((r["data"] for r in mine), record["config"]["data"]):
+                for data in dict.fromkeys(r["data"] for r in mine):
                     for spec in specs:
                         cells = {
                             r["toolkit"]: r.get(metric)
