@@ -301,7 +301,9 @@ def build(
     weight_quant, weight_extra = _weight_quant(spec, ns)
     kwargs = {
         "weight_quant": weight_quant,
-        "weight_bit_width": lambda module, name: 8 if name in eight_bit else spec.weight_bits,
+        "weight_bit_width": lambda module, name: spec.int8_weight_bits(
+            8 if name in eight_bit else spec.weight_bits, input_bits[name]
+        ),
         "input_quant": lambda module, name: input_quant[name],
         "input_bit_width": lambda module, name: input_bits[name],
         "bias_quant": None,

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from zsq_plugins.adapter import HandleBase, QuantizedModel, QuantizerKind
-from zsq_plugins.quant.export import ContainerFakeQuantize
+from zsq_plugins.quant.export import ContainerFakeQuantize, bake_weight
 from zsq_plugins.quant.fold import fold_batchnorm, trace
 from zsq_plugins.quant.reference import eight_bit_layers, quantizable_layers
 from zsq_plugins.spec import Granularity, QuantSpec, Symmetry
@@ -382,9 +382,15 @@ def collect_handles(
             bits = max(bits, first_bits)
             feeds |= first_feeds
         found[id(module)] = (layer, kind, module, hook, bits, frozenset(feeds))
+    input_bits: dict[str, int] = {}
+    for _, kind, _, _, bits, feeds in found.values():
+        for fed in feeds if kind is QuantizerKind.ACTIVATION else ():
+            input_bits[fed] = max(bits, input_bits.get(fed, 0))
     narrow = spec.weight_narrow_range and spec.weight_symmetry is Symmetry.SYMMETRIC
     handles = []
     for layer, kind, module, hook, bits, feeds in found.values():
+        if kind is QuantizerKind.WEIGHT:  # an unquantized input counts as 8-bit: unknown
+            bits = spec.int8_weight_bits(bits, input_bits.get(layer, 8))
         if kind is QuantizerKind.WEIGHT and module.narrow_range != narrow:
             # Like the bit width, the grid is set after nncf.quantize: NNCF's hardware
             # configuration refuses weights off the narrow grid. The flag is read by set_levels
@@ -446,17 +452,26 @@ class NNCFAdapter:
         self, quantized: QuantizedModel, path: str | Path, example_input: torch.Tensor
     ) -> Path:
         """QDQ ONNX (opset 13): ``nncf.strip`` turns 8-bit quantizers into torch FakeQuantize;
-        those below 8 bits become QDQ + Clip first (quant.export), which ONNX can hold."""
+        weights below 8 bits are baked on their grid and activation quantizers below 8 bits
+        become QDQ + Clip first (quant.export), which ONNX can hold."""
         nncf = _nncf()
         from nncf.torch.function_hook.wrapper import get_hook_storage
 
         path = Path(path)
         exported = copy.deepcopy(quantized.model)
         storage = get_hook_storage(exported)
+        weight_layers = {handle.hook: handle.layer for handle in quantized.weight_handles()}
         for hook, _, module in _named_quantizers(exported):
             handle = NNCFQuantizerHandle(hook, QuantizerKind.ACTIVATION, module, hook)
             if not handle.enabled:
                 storage.set_submodule(hook, nn.Identity())
+            elif handle.bits < 8 and hook in weight_layers:
+                layer = exported.get_submodule(weight_layers[hook])
+                baked = bake_weight(
+                    layer.weight, module, handle.scale(), handle.zero_point(), handle.quant_min,
+                    handle.axis,
+                )  # fmt: skip
+                storage.set_submodule(hook, baked)
             elif handle.bits < 8:
                 fake_quant = ContainerFakeQuantize(
                     handle.scale(), handle.zero_point(), handle.quant_min, handle.quant_max,

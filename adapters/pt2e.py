@@ -36,10 +36,10 @@ from torch import nn
 
 from zsq_plugins.adapter import QuantizedModel, QuantizerKind
 from zsq_plugins.adapters.torch_fx import FakeQuantizeHandle, calibrate
-from zsq_plugins.quant.export import ContainerFakeQuantize
+from zsq_plugins.quant.export import ContainerFakeQuantize, bake_weight
 from zsq_plugins.quant.fakequant import integer_range
 from zsq_plugins.quant.fold import float_graph
-from zsq_plugins.quant.reference import eight_bit_layers, quantizable_layers
+from zsq_plugins.quant.reference import eight_bit_layers, layer_bits, quantizable_layers
 from zsq_plugins.spec import Granularity, QuantSpec, Symmetry
 
 LAYER_OPS = {
@@ -256,12 +256,14 @@ class PT2EAdapter:
         ns = _pt2e()
         _check_spec(spec)
         folded = float_graph(model, spec.fold_batchnorm)
-        eight_bit = eight_bit_layers(quantizable_layers(folded), spec)
+        layers = quantizable_layers(folded)
+        eight_bit = eight_bit_layers(layers, spec)
         quantizer = ns.X86InductorQuantizer().set_global(
             _config(spec.weight_bits, spec.act_bits, spec)
         )
-        for name in sorted(eight_bit):
-            quantizer.set_module_name_qconfig(name, _config(8, 8, spec))
+        for name, bits in layer_bits(layers, spec).items():
+            if bits != (spec.weight_bits, spec.act_bits):
+                quantizer.set_module_name_qconfig(name, _config(*bits, spec))
         try:
             batch = ({0: torch.export.Dim.DYNAMIC},)  # any batch size, 1 included
             exported = torch.export.export(
@@ -309,8 +311,8 @@ class PT2EAdapter:
     def export_onnx(
         self, quantized: QuantizedModel, path: str | Path, example_input: torch.Tensor
     ) -> Path:
-        """QDQ ONNX (opset 13) of the fake-quantized graph; quantizers below 8 bits become
-        QDQ + Clip (quant.export)."""
+        """QDQ ONNX (opset 13) of the fake-quantized graph: weights baked on their grid,
+        activation quantizers below 8 bits as QDQ + Clip (quant.export)."""
         path = Path(path)
         exported = copy.deepcopy(quantized.model)
         untap_layers(exported)
@@ -321,7 +323,13 @@ class PT2EAdapter:
                 "", QuantizerKind.ACTIVATION, exported.get_submodule(node.target)
             )
             replacement: nn.Module = nn.Identity()
-            if handle.enabled:
+            if handle.enabled and _weight_layer(node.args[0]) is not None:
+                weight = exported.get_parameter(str(node.args[0].target))
+                replacement = bake_weight(
+                    weight, handle.module, handle.scale(), handle.zero_point(),
+                    handle.quant_min, handle.axis,
+                )  # fmt: skip
+            elif handle.enabled:
                 replacement = ContainerFakeQuantize(
                     handle.scale(), handle.zero_point(), handle.quant_min, handle.quant_max,
                     handle.axis,

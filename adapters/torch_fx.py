@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from zsq_plugins.adapter import HandleBase, QuantizedModel, QuantizerKind
-from zsq_plugins.quant.export import ContainerFakeQuantize
+from zsq_plugins.quant.export import ContainerFakeQuantize, bake_weight
 from zsq_plugins.quant.fakequant import integer_range
 from zsq_plugins.quant.fold import float_graph
-from zsq_plugins.quant.reference import eight_bit_layers, quantizable_layers
-from zsq_plugins.spec import Granularity, QuantSpec, Symmetry
+from zsq_plugins.quant.reference import eight_bit_layers, layer_bits, quantizable_layers
+from zsq_plugins.spec import OVERFLOW_SAFE_WEIGHT_BITS, Granularity, QuantSpec, Symmetry
 from zsq_plugins.zoo._layers import Normalize
 
 CLAMP_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
@@ -241,8 +241,9 @@ class TorchFXAdapter:
         layers = quantizable_layers(prepared_input)
         eight_bit = eight_bit_layers(layers, spec)
         mapping = ao.QConfigMapping().set_global(_qconfig(spec.weight_bits, spec.act_bits, spec))
-        for name in eight_bit:
-            mapping.set_module_name(name, _qconfig(8, 8, spec))
+        for name, bits in layer_bits(layers, spec).items():
+            if bits != (spec.weight_bits, spec.act_bits):
+                mapping.set_module_name(name, _qconfig(*bits, spec))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             # Input normalization stays one module, so its output quantizer is named after it.
@@ -270,28 +271,45 @@ class TorchFXAdapter:
         )
 
     def convert(self, quantized: QuantizedModel) -> nn.Module:
-        """torch.ao's ``convert_fx``: real int8 kernels when every quantizer is 8-bit."""
+        """torch.ao's ``convert_fx``: real int8 kernels when every quantizer is 8-bit (weights
+        may have the overflow fix's 7 bits: the int8 kernels hold them exactly)."""
         _, quantize_fx = _ao()
-        if any(handle.bits != 8 for handle in quantized.handles):
+        if any(handle.bits < minimum_int8_bits(handle) for handle in quantized.handles):
             raise ValueError(
                 "convert_fx produces int8 kernels; this model has quantizers below 8 bits. "
                 "Keep the fake-quantized model (quantized.model) for simulation."
             )
+        prepared = copy.deepcopy(quantized.model)
+        # convert_fx quantizes each weight again and clamps it to its dtype, not to its
+        # quantizer's range: a 7-bit weight at +63.5 steps would become 64, not 63. Weights
+        # already on their grid come back as exactly their integers.
+        for handle in collect_handles(prepared):
+            if handle.kind is QuantizerKind.WEIGHT and handle.enabled:
+                weight = prepared.get_submodule(handle.layer).weight
+                with torch.no_grad():
+                    weight.copy_(handle.module(weight))
         with warnings.catch_warnings():
             # torch 2.13 deprecates torch.ao and its quantized tensors; converting is the point.
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions")
-            return quantize_fx.convert_fx(copy.deepcopy(quantized.model))
+            return quantize_fx.convert_fx(prepared)
 
     def export_onnx(
         self, quantized: QuantizedModel, path: str | Path, example_input: torch.Tensor
     ) -> Path:
-        """QDQ ONNX (opset 13); quantizers below 8 bits become QDQ + Clip (quant.export)."""
+        """QDQ ONNX (opset 13): weights baked on their grid, activation quantizers below 8 bits
+        as QDQ + Clip (quant.export)."""
         path = Path(path)
         exported = copy.deepcopy(quantized.model)
         for handle in collect_handles(exported):
             if not handle.enabled:
                 replacement: nn.Module = nn.Identity()
+            elif handle.kind is QuantizerKind.WEIGHT:
+                layer = exported.get_submodule(handle.layer)
+                replacement = bake_weight(
+                    layer.weight, handle.module, handle.scale(), handle.zero_point(),
+                    handle.quant_min, handle.axis,
+                )  # fmt: skip
             else:
                 replacement = ContainerFakeQuantize(
                     handle.scale(),
@@ -315,6 +333,12 @@ class TorchFXAdapter:
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             )
         return path
+
+
+def minimum_int8_bits(handle: FakeQuantizeHandle) -> int:
+    """The fewest bits a quantizer may have for ``convert_fx``'s int8 kernels to compute what
+    it simulates: torch clamps weights to their observer's range, activations to 8 bits."""
+    return OVERFLOW_SAFE_WEIGHT_BITS if handle.kind is QuantizerKind.WEIGHT else 8
 
 
 def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:

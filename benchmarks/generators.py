@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from setting import literature_spec
 from synthetic_cache import cached_synthesize
 
-from zsq_plugins import QuantSpec, evaluate, zoo
+from zsq_plugins import evaluate, zoo
 from zsq_plugins.datasets import calibration_subset, fashion_mnist
 from zsq_plugins.quant.reference import activation_ranges, reference_quantize
 from zsq_plugins.reporting import (
@@ -91,7 +92,7 @@ def accuracy_grid(model_name: str, images: torch.Tensor, test_set, progress: boo
     cells = {}
     for label in SPECS:
         for method in RANGE_METHODS:
-            quantized = reference_quantize(model, QuantSpec.parse(label), images, method)
+            quantized = reference_quantize(model, literature_spec(label), images, method)
             result = evaluate(quantized, test_set, progress=progress, description=label)
             cells[f"{label}/{method}"] = result.top1
     return cells

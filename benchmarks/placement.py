@@ -34,10 +34,11 @@ from reconstruction import (
     is_current_placement,
     stored_placement_results,
 )
+from setting import literature_spec
 from synthetic_cache import cached_synthesize
 from torch import nn
 
-from zsq_plugins import QuantSpec, apply, evaluate, zoo
+from zsq_plugins import apply, evaluate, zoo
 from zsq_plugins.adapter import QuantizedModel
 from zsq_plugins.datasets import calibration_subset, fashion_mnist
 from zsq_plugins.reconstruction import RECONSTRUCTIONS
@@ -159,7 +160,7 @@ def run(model_name: str, spec: str, source: str, variant: str, threads: int) -> 
         images = cached_synthesize(folder, model_name, source, 1024, 0, "cpu", False).images
     started = time.perf_counter()
     _, report = apply(
-        zoo.load(model_name), toolkit, QuantSpec.parse(spec), data=images, progress=False
+        zoo.load(model_name), toolkit, literature_spec(spec), data=images, progress=False
     )
     switched, rewired = quantizers_off_layer_inputs(report.quantized, variant)
     low_bit = [h for h in report.quantized.activation_handles() if h.enabled]

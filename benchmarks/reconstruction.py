@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from setting import literature_spec
 from synthetic_cache import cached_synthesize
 
-from zsq_plugins import QuantSpec, apply, evaluate, zoo
+from zsq_plugins import apply, evaluate, zoo
 from zsq_plugins.compare import reconstruction_config, spec_order
 from zsq_plugins.datasets import calibration_subset, fashion_mnist
 from zsq_plugins.reporting import (
@@ -78,7 +79,7 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
     quantized, report = apply(
         model,
         args.toolkits[0],
-        QuantSpec.parse(args.specs[0]),
+        literature_spec(args.specs[0]),
         data=images,
         reconstruct=None if method == "none" else method,
         reconstruct_budget=args.budget,

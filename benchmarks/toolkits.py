@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from setting import literature_spec
 from synthetic_cache import cached_synthesize
 
 from zsq_plugins import QuantSpec, apply, evaluate, zoo
@@ -110,7 +111,7 @@ def main() -> None:
             images = calibration_images(model_name, source, args)
             for label in args.specs:
                 for toolkit in toolkits:
-                    spec = QuantSpec.parse(label)
+                    spec = literature_spec(label)
                     quantized, report = apply(zoo.load(model_name), toolkit, spec, data=images)
                     t0 = time.perf_counter()
                     top1 = evaluate(quantized, test_set, progress=not args.no_progress).top1

@@ -42,21 +42,24 @@ def _adapter_or_skip(name: str):
 
 
 def quantize(
-    name: str, model: nn.Module, spec: QuantSpec
+    name: str, model: nn.Module, spec: QuantSpec, size: int = 8
 ) -> tuple[QuantizedModel, list[torch.Tensor]]:
-    return quantize_tiny(_adapter_or_skip(name), model, spec)
+    return quantize_tiny(_adapter_or_skip(name), model, spec, size)
 
 
 def quantize_resnet20(
-    name: str, spec: str = "W4A4"
+    name: str, spec: str = "W4A4", **overrides: object
 ) -> tuple[nn.Module, dict[str, torch.Tensor], QuantizedModel, list[torch.Tensor]]:
     """The zoo's resnet20_fmnist (random weights), a copy of its state, the toolkit's quantized
-    model calibrated on two seeded batches, and those batches."""
+    model (``QuantSpec.parse(spec, **overrides)``) calibrated on two seeded batches, and those
+    batches."""
     torch.manual_seed(0)
     model = zoo.card("resnet20_fmnist").build().eval()
     original = copy.deepcopy(model.state_dict())
     data = [torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in (0, 1)]
-    quantized = _adapter_or_skip(name).quantize(model, QuantSpec.parse(spec), data, data[0])
+    quantized = _adapter_or_skip(name).quantize(
+        model, QuantSpec.parse(spec, **overrides), data, data[0]
+    )
     return model, original, quantized, data
 
 

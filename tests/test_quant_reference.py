@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -85,6 +87,12 @@ def test_reference_quantize_honours_the_spec(trained_bn_model):
     }
     levels = [len(torch.unique(row)) for row in quantized.conv2.weight.detach().flatten(1)]
     assert max(levels) <= 2**3
+    # the first conv's weights and input are 8-bit: the overflow fix gives its weights 7 bits
+    for variant, bits in ((spec, 7), (dataclasses.replace(spec, overflow_fix=False), 8)):
+        conv1 = reference_quantize(trained_bn_model, variant, x).conv1.weight.detach()
+        steps = conv1.flatten(1).abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
+        integers = conv1.flatten(1) / steps
+        assert torch.allclose(integers, integers.round(), atol=1e-3)  # on the b-bit grid
     reference = trained_bn_model(x)
     errors = {}
     for label in ("W8A8", "W4A4", "W2A4"):

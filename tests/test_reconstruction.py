@@ -49,7 +49,7 @@ def test_reconstruction_beats_plain_calibration(name):
 
 def test_fx_still_converts_to_int8_after_reconstruction():
     model = tiny_model("relu6")
-    quantized, data = quantize("fx", model, QuantSpec.parse("W8A8"))
+    quantized, data = quantize("fx", model, QuantSpec.parse("W8A8"), size=7)  # no pooling ties
     reconstruct(quantized, model, torch.cat(data), FAST.replace(iterations=20), progress=False)
     converted = get_adapter("fx").convert(quantized)
     with torch.no_grad():

@@ -6,11 +6,13 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from zsq_plugins.adapter import ADAPTERS, QuantizedModel, get_adapter, installed_adapters
 from zsq_plugins.configio import Budget
@@ -63,6 +65,25 @@ class ApplyReport:
                 [dataclasses.asdict(c) for c in self.adaptive_bn] if self.adaptive_bn else None
             ),
         }
+
+
+class _ProgressBatches:
+    """The calibration batches, advancing a progress bar as the toolkit reads them (its
+    calibration runs inside the toolkit, the one phase without a bar of its own). A toolkit
+    that reads the data more than once (NNCF: a batch to trace, then the statistics) restarts
+    the bar with each pass."""
+
+    def __init__(self, loader: DataLoader, bar: Any) -> None:
+        self.loader, self.bar = loader, bar
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.bar.reset(total=len(self.loader))
+        for batch in self.loader:
+            self.bar.update(1)  # before the yield: a toolkit may stop reading at its last batch
+            yield batch
 
 
 def _calibration_batches(
@@ -154,7 +175,8 @@ def apply(
     data_ready = time.perf_counter()
     first = next(iter(loader))
     example_input = (first[0] if isinstance(first, tuple | list) else first)[:2]
-    quantized = adapter.quantize(model, spec, loader, example_input)
+    with tqdm(desc=f"calibrate ({toolkit})", unit="batch", disable=not progress) as bar:
+        quantized = adapter.quantize(model, spec, _ProgressBatches(loader, bar), example_input)
     calibrated = time.perf_counter()
     images = None
     if aac or abn or reconstruct is not None:

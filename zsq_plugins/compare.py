@@ -103,6 +103,9 @@ class GridConfig:
     synthesis: dict[str, Any] = dataclasses.field(default_factory=dict)
     """SynthesisConfig overrides for every generator preset of the grid, e.g.
     ``{"iterations": 50, "batch_size": 32}`` (a TOML table ``[grid.synthesis]``)."""
+    quant: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """QuantSpec fields for every label of ``specs``, e.g. ``{"overflow_fix": false}`` for
+    the literature's full 8-bit first and last layers (a TOML table ``[grid.quant]``)."""
 
     def __post_init__(self) -> None:
         for field in ("models", "toolkits", "data", "specs", "reconstruct", "calibration"):
@@ -112,8 +115,10 @@ class GridConfig:
             raise ValueError(
                 f"unknown calibration(s) {unknown}; choose from {', '.join(CALIBRATIONS)}"
             )
+        if not isinstance(self.quant, dict):
+            raise ValueError(f"quant must be a table of QuantSpec fields, got {self.quant!r}")
         for label in self.specs:
-            QuantSpec.parse(label)  # a malformed label fails before any work
+            self.quant_spec(label)  # a malformed label or option fails before any work
         for field in ("synthesis_budget", "reconstruct_budget"):
             Budget.parse(getattr(self, field))
         for field in ("num_samples", "test_samples"):
@@ -160,6 +165,10 @@ class GridConfig:
     def to_dict(self) -> dict[str, Any]:
         return to_json_dict(self)
 
+    def quant_spec(self, label: str) -> QuantSpec:
+        """The QuantSpec of a ``specs`` label, with the grid's ``quant`` fields."""
+        return QuantSpec.from_dict({**QuantSpec.parse(label).to_dict(), **self.quant})
+
     def cells(self) -> Iterator[Cell]:
         for model in self.models:
             for data in self.data:
@@ -197,6 +206,7 @@ class GridConfig:
             "reconstruct_budget": self.reconstruct_budget,
             "test_samples": self.test_samples,
             "synthesis": self.synthesis,
+            "quant": self.quant,
         }
 
 
@@ -301,15 +311,17 @@ def calibration_images(
     if plays_toolkit(source, config):
         if cell is None:
             raise ValueError(f"{source!r} data are made per toolkit and spec: pass the cell")
+        spec = config.quant_spec(cell.spec)
+        digest = hashlib.sha256(spec.to_json().encode()).hexdigest()[:10]
         data = adversarial_synthesize(
             zoo.load(model_name),
             cell.toolkit,
-            QuantSpec.parse(cell.spec),
+            spec,
             config.num_samples,
             source,
             config.seed,
             budget=config.synthesis_budget,
-            cache_dir=folder / f"{cell.toolkit}-{cell.spec}",
+            cache_dir=folder / f"{cell.toolkit}-{cell.spec}-{digest}",
             progress=progress,
             **config.synthesis,
         )
@@ -350,7 +362,7 @@ def run_cell(
     quantized, report = apply(
         zoo.load(cell.model),
         cell.toolkit,
-        QuantSpec.parse(cell.spec),
+        config.quant_spec(cell.spec),
         data=images,
         reconstruct=reconstruct,
         seed=config.seed,
@@ -576,6 +588,8 @@ def render_markdown(record: dict[str, Any]) -> str:
         protocol["test_samples"] = "all"
     if record["config"].get("synthesis"):
         protocol["synthesis overrides"] = json.dumps(record["config"]["synthesis"])
+    if record["config"].get("quant"):
+        protocol["QuantSpec fields"] = json.dumps(record["config"]["quant"])
     out.append("\n" + ", ".join(f"{k}: {v}" for k, v in protocol.items()) + ".\n")
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]

@@ -11,6 +11,8 @@ from zsq_plugins.configio import to_json_dict
 from zsq_plugins.errors import ZSQError
 
 MIN_BITS, MAX_BITS = 2, 8
+OVERFLOW_SAFE_WEIGHT_BITS = 7
+"""Weight bits that keep x86 u8 x s8 int8 kernels exact without VNNI (``overflow_fix``)."""
 
 
 class Granularity(str, Enum):
@@ -52,6 +54,16 @@ class QuantSpec:
     """Further module names (of the FP model) whose weights and inputs stay at 8 bits."""
     fold_batchnorm: bool = True
     """Fold BatchNorm into the preceding convolution before quantizing."""
+    overflow_fix: bool = True
+    """Give a layer whose weights and input are both 8-bit 7-bit weights ([-64, 63]), so that
+    its int8 model and its QDQ ONNX compute what the simulation computes on every x86 CPU.
+    Without VNNI (AVX2, or AVX-512 before Cascade Lake), u8 x s8 kernels (fbgemm in torch,
+    onnxruntime's U8S8) add each pair of products in saturating int16: 2 x 255 x 128 overflows
+    it, 2 x 255 x 64 does not, whatever the input. Off: the literature's full 8-bit grid (what
+    the papers report), exact in int8 only on VNNI CPUs and other hardware; quantizers below
+    8 bits are never affected. NNCF calls the same remedy its overflow fix; torch's x86
+    qconfigs instead give activations 7 bits (``reduce_range``), which the int8 kernels do not
+    clamp to, so an input beyond the calibrated range can still overflow."""
 
     def __post_init__(self) -> None:
         for field in ("weight_bits", "act_bits"):
@@ -75,14 +87,21 @@ class QuantSpec:
             except ValueError:
                 choices = ", ".join(repr(member.value) for member in enum)
                 raise ValueError(f"{field} must be one of {choices}; got {value!r}") from None
-        if not isinstance(self.weight_narrow_range, bool):
-            raise ValueError(
-                f"weight_narrow_range must be True or False, got {self.weight_narrow_range!r}"
-            )
+        for field in ("weight_narrow_range", "keep_first_last_8bit", "fold_batchnorm",
+                      "overflow_fix"):  # fmt: skip
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{field} must be True or False, got {getattr(self, field)!r}")
         keep = self.keep_8bit
         if isinstance(keep, str) or not all(isinstance(name, str) for name in keep):
             raise ValueError(f"keep_8bit must be a sequence of module names, got {keep!r}")
         object.__setattr__(self, "keep_8bit", tuple(keep))
+
+    def int8_weight_bits(self, weight_bits: int, input_bits: int) -> int:
+        """The weight bits of a conv/linear layer with ``weight_bits`` and ``input_bits``:
+        unchanged, except 7 where both are 8 and ``overflow_fix`` is on."""
+        if self.overflow_fix and weight_bits == input_bits == 8:
+            return OVERFLOW_SAFE_WEIGHT_BITS
+        return weight_bits
 
     @property
     def label(self) -> str:

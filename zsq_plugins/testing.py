@@ -108,12 +108,18 @@ def tiny_model(kind: str) -> nn.Module:
 
 
 def quantize_tiny(
-    adapter: Adapter, model: nn.Module, spec: QuantSpec
+    adapter: Adapter, model: nn.Module, spec: QuantSpec, size: int = 8
 ) -> tuple[QuantizedModel, list[torch.Tensor]]:
     """The adapter's quantized model of ``model``, calibrated on two seeded batches of 16
-    random 1x8x8 images (returned too)."""
+    random 1 x ``size`` x ``size`` images (returned too).
+
+    Checks that compare the toolkit's model with another runtime (onnxruntime, int8 kernels)
+    use an odd ``size``: the global average of an odd number of values on one grid is never
+    halfway between two levels, so a runtime that sums in another order rounds every pooled
+    value as the toolkit does; over 8 x 8 = 64 values exact ties occur, where either rounding
+    is right and the outputs differ by a whole step."""
     generator = torch.Generator().manual_seed(0)
-    data = [torch.rand(16, 1, 8, 8, generator=generator) for _ in range(2)]
+    data = [torch.rand(16, 1, size, size, generator=generator) for _ in range(2)]
     return adapter.quantize(model, spec, data, data[0][:2]), data
 
 
@@ -156,6 +162,29 @@ def expected_output(handle: QuantizerHandle, x: torch.Tensor) -> torch.Tensor:
     )
 
 
+def assert_quantizes_like(handle: QuantizerHandle, x: torch.Tensor, y: torch.Tensor) -> None:
+    """``y`` is what the handle says its quantizer makes of ``x`` (``expected_output``), but
+    for values halfway between two levels, which toolkits round either way (``x * (1 / s)``
+    or ``x / s``): there, either neighbouring level is right."""
+    expected = expected_output(handle, x)
+    wrong = (y - expected).abs() > 1e-6 + 1e-5 * expected.abs()
+    if not bool(wrong.any()):
+        return
+    shape = [1] * x.dim()
+    if handle.axis is not None:
+        shape[handle.axis] = -1
+    scale = handle.scale().flatten().view(shape) if handle.axis is not None else handle.scale()[0]
+    steps = x / scale
+    at_tie = (steps - steps.floor() - 0.5).abs() < 1e-4
+    one_step = ((y - expected).abs() - scale).abs() <= 1e-5 * scale + 1e-7
+    unexplained = wrong & ~(at_tie & one_step)
+    if bool(unexplained.any()):
+        gap = float((y - expected).abs()[unexplained].max())
+        raise AssertionError(
+            f"{handle!r}: {int(unexplained.sum())} values off its grid (largest gap {gap:.3g})"
+        )
+
+
 def _require(condition: object, message: str) -> None:
     if not condition:
         raise AssertionError(message)
@@ -170,18 +199,24 @@ def _run(quantized: QuantizedModel, x: torch.Tensor) -> Callable[[], None]:
 
 
 def check_spec_is_honoured(adapter: Adapter) -> None:
-    """One weight quantizer per conv/linear at the spec's bits (first and last at 8), per
-    channel on axis 0; per-tensor activation quantizers, the model input's at 8 bits; the
-    weight grid full or narrow as the spec says."""
-    for kind in ("relu", "relu6"):
+    """One weight quantizer per conv/linear at the spec's bits (first and last at 8, or 7
+    with the overflow fix: their inputs are 8-bit), per channel on axis 0; per-tensor
+    activation quantizers, the model input's at 8 bits; the weight grid full or narrow as the
+    spec says."""
+    for kind, overflow_fix in (("relu", True), ("relu6", True), ("relu", False)):
         model = tiny_model(kind)
-        quantized, _ = quantize_tiny(adapter, model, QuantSpec(weight_bits=3, act_bits=4))
+        spec = QuantSpec(weight_bits=3, act_bits=4, overflow_fix=overflow_fix)
+        quantized, _ = quantize_tiny(adapter, model, spec)
         folded = fold_batchnorm(model)
         layers = [n for n, m in folded.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
         weights = {h.layer: h.bits for h in quantized.weight_handles()}
         _require(sorted(weights) == sorted(layers), f"weight handles {weights} for {layers}")
         first, last = layers[0], layers[-1]
-        _require(weights[first] == 8 and weights[last] == 8, f"first/last not 8-bit: {weights}")
+        edge = spec.int8_weight_bits(8, 8)
+        _require(
+            weights[first] == edge and weights[last] == edge,
+            f"first/last not {edge}-bit (overflow_fix={overflow_fix}): {weights}",
+        )
         _require(
             all(bits == 3 for layer, bits in weights.items() if layer not in (first, last)),
             f"inner layers not at 3 bits: {weights}",
@@ -250,7 +285,8 @@ def check_onnx_export(adapter: Adapter) -> None:
     except ImportError:
         raise CheckSkipped("onnxruntime is not installed") from None
     for label in ("W8A8", "W4A4"):
-        quantized, data = quantize_tiny(adapter, tiny_model("relu6"), QuantSpec.parse(label))
+        spec = QuantSpec.parse(label)
+        quantized, data = quantize_tiny(adapter, tiny_model("relu6"), spec, size=7)
         with tempfile.TemporaryDirectory() as folder:
             try:
                 path = adapter.export_onnx(quantized, Path(folder) / "model.onnx", data[0][:2])
@@ -267,6 +303,26 @@ def check_onnx_export(adapter: Adapter) -> None:
         torch.testing.assert_close(torch.from_numpy(got), expected, atol=tolerance, rtol=0)
         agreement = (torch.from_numpy(got).argmax(1) == expected.argmax(1)).float().mean()
         _require(agreement >= 0.9, f"{label}: ONNX top-1 agrees on {agreement:.0%} only")
+
+
+U8_MAX, INT16_MAX = 255, 32767
+
+
+def check_int8_kernels_cannot_overflow(adapter: Adapter) -> None:
+    """At W8A8 and W4A4 no weight grid lets a pair of u8 x s8 products overflow int16 (what
+    x86 int8 kernels without VNNI add first): the spec's ``overflow_fix``. Without it, W8A8
+    has weights that can."""
+    for spec in (QuantSpec.parse("W8A8"), QuantSpec.parse("W4A4")):
+        quantized, _ = quantize_tiny(adapter, tiny_model("relu6"), spec)
+        largest = {
+            h.layer: max(abs(h.quant_min), abs(h.quant_max)) for h in quantized.weight_handles()
+        }
+        unsafe = {layer: q for layer, q in largest.items() if 2 * U8_MAX * q > INT16_MAX}
+        _require(not unsafe, f"{spec.label}: weights that can overflow int16 pairs: {unsafe}")
+    spec = QuantSpec.parse("W8A8", overflow_fix=False)
+    quantized, _ = quantize_tiny(adapter, tiny_model("relu6"), spec)
+    full = [h for h in quantized.weight_handles() if max(-h.quant_min, h.quant_max) >= 127]
+    _require(full, "overflow_fix=False must keep the full 8-bit weight grid")
 
 
 def check_identity_overrides_give_fp32_back(adapter: Adapter) -> None:
@@ -507,6 +563,7 @@ CHECKS: tuple[Callable[[Adapter], None], ...] = (
     check_switched_off_equals_folded_fp32,
     check_handles_describe_the_quantizers,
     check_onnx_export,
+    check_int8_kernels_cannot_overflow,
     check_identity_overrides_give_fp32_back,
     check_gradients_reach_overrides,
     check_override_acts_only_while_enabled,

@@ -5,6 +5,11 @@ point z is exactly an 8-bit quantizer with the same s and z whose result is clip
 [(qmin - z) s, (qmax - z) s]: rounding is the same, and the 8-bit grid contains the b-bit one.
 ``ContainerFakeQuantize`` computes it that way, so torch.onnx (TorchScript) exports it as
 QuantizeLinear -> DequantizeLinear -> Clip, which onnxruntime runs.
+
+A weight is a constant, so it needs no Clip: ``bake_weight`` writes its fake-quantized values
+into the layer and re-quantizes them on the full 8-bit container, which gives the same
+integers. Without a Clip between a layer and its weight's DequantizeLinear, onnxruntime fuses
+the layer into an int8 kernel (QLinearConv, MatMulInteger) whatever the weight bits.
 """
 
 from __future__ import annotations
@@ -53,3 +58,19 @@ class ContainerFakeQuantize(nn.Module):
         shape = [1] * x.dim()
         shape[self.axis] = -1
         return torch.minimum(torch.maximum(y, self.low.view(shape)), self.high.view(shape))
+
+
+def bake_weight(
+    weight: torch.Tensor,
+    fake_quant: nn.Module,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    axis: int | None,
+) -> ContainerFakeQuantize:
+    """Writes ``fake_quant(weight)`` into ``weight`` (in place) and returns the full-container
+    quantizer with the same ``scale`` and ``zero_point``, which gives back its integers."""
+    with torch.no_grad():
+        weight.copy_(fake_quant(weight))
+    container = (-128, 127) if quant_min < 0 else (0, 255)
+    return ContainerFakeQuantize(scale, zero_point, *container, axis)

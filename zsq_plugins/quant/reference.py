@@ -54,6 +54,17 @@ def eight_bit_layers(layers: list[tuple[str, nn.Module]], spec: QuantSpec) -> se
     return names
 
 
+def layer_bits(layers: list[tuple[str, nn.Module]], spec: QuantSpec) -> dict[str, tuple[int, int]]:
+    """(weight bits, input bits) of every conv/linear layer: (8, 8) for the 8-bit layers,
+    (weight_bits, act_bits) for the others, with ``spec.int8_weight_bits``' overflow fix."""
+    eight_bit = eight_bit_layers(layers, spec)
+    bits = {}
+    for name, _ in layers:
+        weight, inputs = (8, 8) if name in eight_bit else (spec.weight_bits, spec.act_bits)
+        bits[name] = (spec.int8_weight_bits(weight, inputs), inputs)
+    return bits
+
+
 class InputQuantizer(nn.Module):
     """Per-tensor fake quantizer of a layer's input; records statistics while observing."""
 
@@ -132,11 +143,10 @@ def reference_quantize(
     range_method = RangeMethod(range_method)
     quantized = float_graph(model, spec.fold_batchnorm)
     layers = quantizable_layers(quantized)
-    keep = eight_bit_layers(layers, spec)
+    bits = layer_bits(layers, spec)
     symmetric_acts = spec.act_symmetry is Symmetry.SYMMETRIC
     for name, module in layers:
-        bits = 8 if name in keep else spec.act_bits
-        quantizer = InputQuantizer(bits, symmetric_acts)
+        quantizer = InputQuantizer(bits[name][1], symmetric_acts)
         module.add_module("input_quantizer", quantizer)
         module.register_forward_pre_hook(lambda mod, args: (mod.input_quantizer(args[0]),))
     for quantizer in _input_quantizers(quantized):
@@ -148,7 +158,7 @@ def reference_quantize(
         quantizer.observing = False
         quantizer.calibrate(range_method)
     for name, module in layers:
-        _quantize_weight(module, 8 if name in keep else spec.weight_bits, spec)
+        _quantize_weight(module, bits[name][0], spec)
     return quantized.eval()
 
 
