@@ -32,14 +32,14 @@ import operator
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
 from zsq_plugins.adapter import HandleBase, QuantizedModel, QuantizerKind
-from zsq_plugins.errors import UnsupportedModelError
+from zsq_plugins.errors import ToolkitOptionError, UnsupportedModelError
 from zsq_plugins.quant.fold import float_graph
 from zsq_plugins.quant.reference import eight_bit_layers, quantizable_layers
 from zsq_plugins.spec import Granularity, QuantSpec, Symmetry
@@ -279,19 +279,30 @@ def _input_quant(nonnegative: bool, spec: QuantSpec, ns: SimpleNamespace) -> typ
     return ns.shifted.ShiftedUint8ActPerTensorFloat
 
 
+OPTIONS = MappingProxyType({
+    "name_blacklist": "module names that layerwise_quantize leaves float (default none)",
+    "bias_quant": "a Brevitas bias quantizer for every layer, e.g. brevitas.quant.Int32Bias "
+    "(default None: float biases, which adaptive BN writes)",
+})  # fmt: skip
+"""What ``quantize(..., options=...)`` takes: ``layerwise_quantize``'s own arguments."""
+
+
 def build(
-    folded: torch.fx.GraphModule, spec: QuantSpec
+    folded: torch.fx.GraphModule, spec: QuantSpec, options: dict[str, Any] | None = None
 ) -> tuple[torch.fx.GraphModule, list[BrevitasQuantizerHandle], set[str]]:
     """Brevitas' layerwise quantization of ``folded`` (in place) and the handles it yields."""
     _check_spec(spec)
     ns = _brevitas()
+    options = options or {}
     modules = dict(folded.named_modules())
+    float_layers = _blacklist(options.get("name_blacklist", ()), modules)
     layers = quantizable_layers(folded)
     eight_bit = eight_bit_layers(layers, spec)
     inputs = _layer_inputs(folded)
     consumers: dict[torch.fx.Node, list[str]] = {}
     for name, source in inputs.items():
-        consumers.setdefault(source, []).append(name)
+        if name not in float_layers:
+            consumers.setdefault(source, []).append(name)
     input_bits, input_quant, memo = {}, {}, {}
     for source, names in consumers.items():
         bits = 8 if any(name in eight_bit for name in names) else spec.act_bits
@@ -306,7 +317,7 @@ def build(
         ),
         "input_quant": lambda module, name: input_quant[name],
         "input_bit_width": lambda module, name: input_bits[name],
-        "bias_quant": None,
+        "bias_quant": options.get("bias_quant"),
         "return_quant_tensor": False,
         **weight_extra,
     }
@@ -316,11 +327,15 @@ def build(
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        quantized = ns.layerwise_quantize(folded, compute_layer_map=layer_map)
+        quantized = ns.layerwise_quantize(
+            folded, compute_layer_map=layer_map, name_blacklist=sorted(float_layers) or None
+        )
     handles: list[BrevitasQuantizerHandle] = []
     weight_axis = 0 if spec.weight_granularity is Granularity.PER_CHANNEL else None
     for name, _ in layers:
         layer = quantized.get_submodule(name)
+        if name in float_layers:
+            continue
         if not isinstance(layer, ns.qnn.QuantConv2d | ns.qnn.QuantLinear):
             raise UnsupportedModelError(
                 f"{name!r} ({type(layer).__name__}) was not converted by Brevitas; only "
@@ -340,6 +355,16 @@ def build(
             BrevitasQuantizerHandle(_producer(source), QuantizerKind.ACTIVATION, shared, None)
         )
     return quantized, handles, eight_bit
+
+
+def _blacklist(names: Any, modules: dict[str, nn.Module]) -> set[str]:
+    """The ``name_blacklist`` option as a set of the model's module names."""
+    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+        raise ToolkitOptionError(f"name_blacklist must be a list of module names, got {names!r}")
+    unknown = sorted(set(names) - set(modules))
+    if unknown:
+        raise ToolkitOptionError(f"name_blacklist names no module {unknown} of the model")
+    return set(names)
 
 
 def calibrate(model: nn.Module, calibration: Iterable[Any]) -> int:
@@ -362,6 +387,7 @@ class BrevitasAdapter:
     name = "brevitas"
     requires = ("brevitas",)
     pip_extra = "brevitas"
+    options = OPTIONS
 
     def quantize(
         self,
@@ -369,11 +395,12 @@ class BrevitasAdapter:
         spec: QuantSpec,
         calibration: Iterable[torch.Tensor],
         example_input: torch.Tensor,
+        options: dict[str, Any] | None = None,
     ) -> QuantizedModel:
         # Both paths copy: the user's model is never modified.
         folded = float_graph(model, spec.fold_batchnorm)
         device = next((p.device for p in folded.parameters()), torch.device("cpu"))
-        quantized, handles, eight_bit = build(folded.eval(), spec)
+        quantized, handles, eight_bit = build(folded.eval(), spec, options)
         # Brevitas creates the input quantizers' parameters on the default device (CPU); keep
         # them with the model's weights.
         quantized.to(device).eval()

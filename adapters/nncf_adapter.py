@@ -21,7 +21,6 @@ have it. Handles report the grid.
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
@@ -31,22 +30,11 @@ import torch
 from torch import nn
 
 from zsq_plugins.adapter import HandleBase, QuantizedModel, QuantizerKind
+from zsq_plugins.adapters.nncf_options import OPTIONS, load_nncf, nncf_arguments
 from zsq_plugins.quant.export import ContainerFakeQuantize, bake_weight
 from zsq_plugins.quant.fold import fold_batchnorm, trace
 from zsq_plugins.quant.reference import eight_bit_layers, quantizable_layers
 from zsq_plugins.spec import Granularity, QuantSpec, Symmetry
-
-
-def _nncf() -> Any:
-    """nncf, imported on first use. NNCF 3.4 sends telemetry events unless NNCF_CI or NNCF_DEV
-    is set when it is imported (its only switch; NNCF reads NNCF_CI for nothing else), so it
-    is set unless the user has set it. The openvino_telemetry client that NNCF creates at
-    import still keeps a usage counter in ~/intel; only CI=true (read by many tools, so not
-    set here) or an opt-out consent file stops that."""
-    os.environ.setdefault("NNCF_CI", "1")
-    import nncf
-
-    return nncf
 
 
 def _images(batch: Any) -> torch.Tensor:
@@ -215,7 +203,7 @@ def hook_safe(model: nn.Module) -> nn.Module:
 
 
 def _advanced_parameters(spec: QuantSpec) -> Any:
-    nncf = _nncf()
+    nncf = load_nncf()
     from nncf.common.quantization.structs import QuantizationScheme
     from nncf.quantization.advanced_parameters import QuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
@@ -262,7 +250,7 @@ def _calibration_dataset(calibration: Iterable[Any]) -> tuple[Any, int]:
     count = len(source)  # type: ignore[arg-type]
     if count == 0:
         raise ValueError("the calibration data yielded no batch")
-    return _nncf().Dataset(source, _images), count
+    return load_nncf().Dataset(source, _images), count
 
 
 class _Topology:
@@ -409,6 +397,7 @@ class NNCFAdapter:
     name = "nncf"
     requires = ("nncf",)
     pip_extra = "nncf"
+    options = OPTIONS
 
     def quantize(
         self,
@@ -416,8 +405,9 @@ class NNCFAdapter:
         spec: QuantSpec,
         calibration: Iterable[torch.Tensor],
         example_input: torch.Tensor,
+        options: dict[str, Any] | None = None,
     ) -> QuantizedModel:
-        nncf = _nncf()
+        nncf = load_nncf()
         advanced = _advanced_parameters(spec)
         if spec.fold_batchnorm:
             folded = fold_batchnorm(model)
@@ -430,9 +420,9 @@ class NNCFAdapter:
         # The preset naming the spec's activation mode (the advanced parameters set both).
         mixed = spec.act_symmetry is Symmetry.ASYMMETRIC
         preset = nncf.QuantizationPreset.MIXED if mixed else nncf.QuantizationPreset.PERFORMANCE
-        quantized = nncf.quantize(
-            fp_model, dataset, preset=preset, subset_size=batches, advanced_parameters=advanced
-        )
+        defaults = {"preset": preset, "subset_size": batches, "advanced_parameters": advanced}
+        arguments = nncf_arguments(defaults, options or {})
+        quantized = nncf.quantize(fp_model, dataset, **arguments)
         hooks = [point for _, point, _ in _named_quantizers(quantized)]
         topology = _Topology(fp_model, example_input, hooks)
         handles = collect_handles(quantized, topology, eight_bit, spec)
@@ -454,7 +444,7 @@ class NNCFAdapter:
         """QDQ ONNX (opset 13): ``nncf.strip`` turns 8-bit quantizers into torch FakeQuantize;
         weights below 8 bits are baked on their grid and activation quantizers below 8 bits
         become QDQ + Clip first (quant.export), which ONNX can hold."""
-        nncf = _nncf()
+        nncf = load_nncf()
         from nncf.torch.function_hook.wrapper import get_hook_storage
 
         path = Path(path)

@@ -29,6 +29,7 @@ import copy
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -245,6 +246,14 @@ class PT2EAdapter:
     name = "pt2e"
     requires = ("torchao",)
     pip_extra = "pt2e"
+    options = MappingProxyType({
+        "module_name_qconfigs": "{module name: torchao QuantizationConfig or None}, given to "
+        "X86InductorQuantizer.set_module_name_qconfig after the adapter's own entries (the "
+        "spec's 8-bit first and last layers, the overflow fix); None keeps a module float",
+        "module_type_qconfigs": "{module class: QuantizationConfig or None}, given to "
+        "set_module_type_qconfig; the adapter's name entries for layers of those classes are "
+        "left out, so that these win",
+    })  # fmt: skip
 
     def quantize(
         self,
@@ -252,6 +261,7 @@ class PT2EAdapter:
         spec: QuantSpec,
         calibration: Iterable[torch.Tensor],
         example_input: torch.Tensor,
+        options: dict[str, Any] | None = None,
     ) -> QuantizedModel:
         ns = _pt2e()
         _check_spec(spec)
@@ -261,9 +271,18 @@ class PT2EAdapter:
         quantizer = ns.X86InductorQuantizer().set_global(
             _config(spec.weight_bits, spec.act_bits, spec)
         )
+        options = options or {}
+        their_types = dict(options.get("module_type_qconfigs", {}))
         for name, bits in layer_bits(layers, spec).items():
-            if bits != (spec.weight_bits, spec.act_bits):
+            # PT2E ranks module names above module types: a layer of a type the user
+            # configures keeps no name entry of ours, so that their setting wins.
+            theirs = type(folded.get_submodule(name)) in their_types
+            if bits != (spec.weight_bits, spec.act_bits) and not theirs:
                 quantizer.set_module_name_qconfig(name, _config(*bits, spec))
+        for module_type, config in their_types.items():
+            quantizer.set_module_type_qconfig(module_type, config)
+        for name, config in dict(options.get("module_name_qconfigs", {})).items():
+            quantizer.set_module_name_qconfig(name, config)
         try:
             batch = ({0: torch.export.Dim.DYNAMIC},)  # any batch size, 1 included
             exported = torch.export.export(

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -209,6 +211,28 @@ def set_activation_bits(
             setattr(graph_module, node.target, activation_fake_quant(bits, symmetric)())
 
 
+def merge_qconfig_mappings(ours: Any, theirs: Any, modules: dict[str, nn.Module]) -> None:
+    """Writes the entries of the QConfigMapping ``theirs`` into ``ours``, so that they win:
+    torch.ao gives module names priority over regexes and object types, so each of our
+    module-name entries that one of their regexes or object types covers is dropped first."""
+    for name in list(ours.module_name_qconfigs):
+        covered = type(modules.get(name)) in theirs.object_type_qconfigs or any(
+            re.match(pattern, name) for pattern in theirs.module_name_regex_qconfigs
+        )
+        if covered:
+            del ours.module_name_qconfigs[name]
+    if theirs.global_qconfig is not None:
+        ours.set_global(theirs.global_qconfig)
+    for object_type, qconfig in theirs.object_type_qconfigs.items():
+        ours.set_object_type(object_type, qconfig)
+    for pattern, qconfig in theirs.module_name_regex_qconfigs.items():
+        ours.set_module_name_regex(pattern, qconfig)
+    for name, qconfig in theirs.module_name_qconfigs.items():
+        ours.set_module_name(name, qconfig)
+    for key, qconfig in theirs.module_name_object_type_order_qconfigs.items():
+        ours.set_module_name_object_type_order(*key, qconfig)
+
+
 def _producer(node: torch.fx.Node) -> str:
     source = node.args[0]
     if not isinstance(source, torch.fx.Node):
@@ -226,6 +250,22 @@ class TorchFXAdapter:
     name = "fx"
     requires = ("torch.ao.quantization",)
     pip_extra = None
+    missing_hint = (
+        f"torch {torch.__version__} no longer ships torch.ao's FX quantization (deprecated "
+        "upstream in favour of torchao PT2E; its removal is tracked in pytorch/ao#2259). Use "
+        "toolkit='pt2e', its successor, or a torch that still ships it (docs/index.md lists "
+        "the versions tested)"
+    )
+    options = MappingProxyType({
+        "qconfig_mapping": "a torch.ao QConfigMapping (or its to_dict() form) merged over the "
+        "adapter's, which sets the spec's global qconfig and one per layer whose bits differ "
+        "(8-bit first and last layers, the overflow fix): its global qconfig (if set), object "
+        "types, regexes and module names win (a None qconfig keeps a module float); "
+        "activation widths still follow their consumers",
+        "prepare_custom_config": "a torch.ao PrepareCustomConfig for prepare_qat_fx; the "
+        "adapter adds input normalization to its non-traceable module classes",
+        "backend_config": "a torch.ao BackendConfig for prepare_qat_fx (default torch's)",
+    })  # fmt: skip
 
     def quantize(
         self,
@@ -233,10 +273,12 @@ class TorchFXAdapter:
         spec: QuantSpec,
         calibration: Iterable[torch.Tensor],
         example_input: torch.Tensor,
+        options: dict[str, Any] | None = None,
     ) -> QuantizedModel:
         ao, quantize_fx = _ao()
         from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
 
+        options = options or {}
         prepared_input = float_graph(model, spec.fold_batchnorm)
         layers = quantizable_layers(prepared_input)
         eight_bit = eight_bit_layers(layers, spec)
@@ -244,15 +286,23 @@ class TorchFXAdapter:
         for name, bits in layer_bits(layers, spec).items():
             if bits != (spec.weight_bits, spec.act_bits):
                 mapping.set_module_name(name, _qconfig(*bits, spec))
+        if "qconfig_mapping" in options:
+            theirs = options["qconfig_mapping"]
+            if isinstance(theirs, dict):
+                theirs = ao.QConfigMapping.from_dict(theirs)
+            merge_qconfig_mappings(mapping, theirs, dict(prepared_input.named_modules()))
+        custom = copy.deepcopy(options.get("prepare_custom_config") or PrepareCustomConfig())
+        # Input normalization stays one module, so its output quantizer is named after it.
+        classes = list(custom.non_traceable_module_classes)
+        custom.set_non_traceable_module_classes([*classes, Normalize])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            # Input normalization stays one module, so its output quantizer is named after it.
-            custom = PrepareCustomConfig().set_non_traceable_module_classes([Normalize])
             prepared = quantize_fx.prepare_qat_fx(
                 prepared_input.train(),
                 mapping,
                 example_inputs=(example_input,),
                 prepare_custom_config=custom,
+                backend_config=options.get("backend_config"),
             )
         prepared.eval()
         dropped = drop_pre_activation_quantizers(prepared)

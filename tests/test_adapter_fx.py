@@ -32,3 +32,23 @@ def test_low_bit_model_is_not_converted():
 def test_calibration_needs_data():
     with pytest.raises(ValueError, match="no batch"):
         get_adapter("fx").quantize(tiny_model("relu"), QuantSpec(), [], torch.rand(2, 1, 8, 8))
+
+
+def test_a_torch_without_torch_ao_fx_gets_a_clear_error(monkeypatch):
+    """torch.ao's FX quantization is deprecated upstream: once a torch drops it, the fx
+    adapter names the successor and the others keep working."""
+    import importlib.util
+
+    from zsq_plugins.adapter import installed_adapters
+    from zsq_plugins.errors import MissingDependencyError
+
+    real_find_spec = importlib.util.find_spec
+
+    def without_torch_ao(name, *args):
+        return None if name.startswith("torch.ao.quantization") else real_find_spec(name, *args)
+
+    installed = set(installed_adapters())
+    monkeypatch.setattr(importlib.util, "find_spec", without_torch_ao)
+    with pytest.raises(MissingDependencyError, match=r"no longer ships torch.ao's FX.*'pt2e'"):
+        get_adapter("fx")
+    assert set(installed_adapters()) == installed - {"fx"}

@@ -8,12 +8,14 @@ from zsq_plugins.errors import (
     DatasetNotFoundError,
     DuplicatePluginError,
     MissingDependencyError,
+    ToolkitOptionError,
     UnknownPluginError,
     UnsupportedModelError,
     ZSQError,
 )
 from zsq_plugins.evaluation import EvalResult, evaluate
 from zsq_plugins.reconstruction import reconstruct
+from zsq_plugins.saving import export_onnx, load_quantized, save_quantized
 from zsq_plugins.spec import Granularity, QuantSpec, Symmetry
 from zsq_plugins.synthesis import SyntheticDataset, calibration_loader, synthesize
 
@@ -31,6 +33,7 @@ __all__ = [
     "QuantSpec",
     "Symmetry",
     "SyntheticDataset",
+    "ToolkitOptionError",
     "UnknownPluginError",
     "UnsupportedModelError",
     "ZSQError",
@@ -38,7 +41,10 @@ __all__ = [
     "apply",
     "calibration_loader",
     "evaluate",
+    "export_onnx",
+    "load_quantized",
     "reconstruct",
+    "save_quantized",
     "synthesize",
     "zoo",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from zsq_plugins.errors import MissingDependencyError
+from zsq_plugins.errors import MissingDependencyError, ToolkitOptionError
 from zsq_plugins.registry import ADAPTERS_GROUP, Registry
 from zsq_plugins.spec import QuantSpec
 
@@ -193,6 +193,50 @@ class Adapter(Protocol):
         a toolkit without ONNX export."""
 
 
+# Toolkit options are optional for an adapter, so they stay out of the protocol (a
+# runtime-checkable Protocol would refuse every adapter without them): an adapter that takes
+# some declares ``options``, {option name: what it does and what the adapter's default is},
+# and accepts ``quantize(..., options={...})``, where the user's value wins over its own.
+
+
+def accepted_options(adapter: Adapter) -> Mapping[str, str]:
+    """The toolkit options ``adapter`` takes, with what each does (none if it declares none)."""
+    return getattr(adapter, "options", {})
+
+
+def check_toolkit_options(adapter: Adapter, options: Mapping[str, Any]) -> None:
+    """Raises ToolkitOptionError naming the options ``adapter`` does not take, and listing
+    those it does."""
+    if not isinstance(options, Mapping):
+        raise ToolkitOptionError(
+            f"toolkit options must be a mapping of option names to values, got {options!r}"
+        )
+    accepted = accepted_options(adapter)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        listing = "; ".join(f"{name}: {what}" for name, what in accepted.items())
+        raise ToolkitOptionError(
+            f"the {adapter.name!r} toolkit takes no option {', '.join(map(repr, unknown))}; "
+            + (f"it takes: {listing}" if listing else "it takes no options")
+        )
+
+
+def quantize_with_options(
+    adapter: Adapter,
+    model: nn.Module,
+    spec: QuantSpec,
+    calibration: Iterable[Any],
+    example_input: torch.Tensor,
+    options: Mapping[str, Any] | None = None,
+) -> QuantizedModel:
+    """``adapter.quantize``, given ``options`` (checked first) when there are any, so that an
+    adapter without options is called exactly as the protocol says."""
+    if not options:
+        return adapter.quantize(model, spec, calibration, example_input)
+    check_toolkit_options(adapter, options)
+    return adapter.quantize(model, spec, calibration, example_input, options=dict(options))
+
+
 ADAPTERS: Registry[Any] = Registry("toolkit adapter", ADAPTERS_GROUP)
 
 
@@ -212,9 +256,12 @@ def get_adapter(name: str) -> Adapter:
     missing = missing_requirements(adapter)
     if missing:
         extra = f"pip install 'zsq-plugins[{adapter.pip_extra}]'" if adapter.pip_extra else ""
+        # An adapter whose requirement no pip extra installs says what to do instead.
+        hint = getattr(adapter, "missing_hint", "")
         raise MissingDependencyError(
             f"the {name!r} adapter needs {', '.join(missing)}, which is not installed"
             + (f"; install it with: {extra}" if extra else "")
+            + (f"; {hint}" if hint else "")
         )
     return adapter
 

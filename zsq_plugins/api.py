@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -14,7 +15,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from zsq_plugins.adapter import ADAPTERS, QuantizedModel, get_adapter, installed_adapters
+from zsq_plugins.adapter import (
+    ADAPTERS,
+    QuantizedModel,
+    check_toolkit_options,
+    get_adapter,
+    installed_adapters,
+    quantize_with_options,
+)
 from zsq_plugins.configio import Budget
 from zsq_plugins.errors import UnknownPluginError
 from zsq_plugins.quant.adaptive_bn import BNCorrection, adapt_batchnorm
@@ -48,10 +56,16 @@ class ApplyReport:
     """Per activation quantizer, what accurate activation clipping changed (with ``aac``)."""
     adaptive_bn: list[BNCorrection] | None = None
     """Per conv/linear layer, the statistics gap adaptive BN corrected (with ``abn``)."""
+    toolkit_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The options given to the toolkit's own call (``toolkit_options``)."""
+    input_shape: tuple[int, ...] = ()
+    """The shape of one input image (as the calibration data have it)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "toolkit": self.toolkit,
+            "toolkit_options": {k: _jsonable(v) for k, v in self.toolkit_options.items()},
+            "input_shape": list(self.input_shape),
             "spec": self.spec.to_dict(),
             "data": self.data,
             "num_samples": self.num_samples,
@@ -65,6 +79,15 @@ class ApplyReport:
                 [dataclasses.asdict(c) for c in self.adaptive_bn] if self.adaptive_bn else None
             ),
         }
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` if JSON holds it as it is, else its repr (toolkit objects in a report)."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
 
 
 class _ProgressBatches:
@@ -115,7 +138,7 @@ def _calibration_batches(
 def apply(
     model: nn.Module,
     toolkit: str = "fx",
-    spec: QuantSpec | None = None,
+    spec: QuantSpec | str | None = None,
     data: str | Dataset | DataLoader | torch.Tensor = "genie",
     num_samples: int = 1024,
     reconstruct: str | None = None,
@@ -126,6 +149,7 @@ def apply(
     reconstruct_checkpoint: str | os.PathLike[str] | None = None,
     aac: bool = False,
     abn: bool = False,
+    toolkit_options: Mapping[str, Any] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     **synthesis: Any,
@@ -144,8 +168,11 @@ def apply(
     model's activations on the same images (accurate activation clipping,
     zsq_plugins.quant.clipping). ``abn`` (adaptive BN, after AAC) corrects every
     conv/linear layer's per-channel output mean and deviation toward the FP model's on the
-    same images (zsq_plugins.quant.adaptive_bn). Returns the toolkit-native quantized model
-    and a report (settings, timings, ``report.quantized`` with the quantizer handles).
+    same images (zsq_plugins.quant.adaptive_bn). ``toolkit_options`` reach the toolkit's own
+    call and win over the adapter's defaults (``accepted_options(get_adapter(toolkit))``
+    lists them; docs/adapters.md says what each adapter sets and why). Returns the
+    toolkit-native quantized model and a report (settings, timings, ``report.quantized`` with
+    the quantizer handles).
     ``synthesis`` options (``budget``, ``iterations``...) go to ``synthesize`` when ``data`` is
     a preset name.
     """
@@ -157,13 +184,15 @@ def apply(
         raise TypeError(
             "reconstruct_options and reconstruct_checkpoint need reconstruct=<preset name>"
         )
-    spec = spec if spec is not None else QuantSpec()
+    spec = QuantSpec.parse(spec) if isinstance(spec, str) else spec or QuantSpec()
     if toolkit not in ADAPTERS:
         raise UnknownPluginError(
             f"unknown toolkit {toolkit!r}; installed: {', '.join(installed_adapters()) or 'none'}"
             f" (registered: {', '.join(ADAPTERS.names())})"
         )
     adapter = get_adapter(toolkit)
+    if toolkit_options:  # an unknown option fails before any work
+        check_toolkit_options(adapter, toolkit_options)
     model = model.eval()
     started = time.perf_counter()
     synthesis_options = {**synthesis}
@@ -176,7 +205,10 @@ def apply(
     first = next(iter(loader))
     example_input = (first[0] if isinstance(first, tuple | list) else first)[:2]
     with tqdm(desc=f"calibrate ({toolkit})", unit="batch", disable=not progress) as bar:
-        quantized = adapter.quantize(model, spec, _ProgressBatches(loader, bar), example_input)
+        batches = _ProgressBatches(loader, bar)
+        quantized = quantize_with_options(
+            adapter, model, spec, batches, example_input, toolkit_options
+        )
     calibrated = time.perf_counter()
     images = None
     if aac or abn or reconstruct is not None:
@@ -220,6 +252,8 @@ def apply(
         reconstruction=reconstruction,
         clipping=clipping,
         adaptive_bn=corrections,
+        toolkit_options=dict(toolkit_options or {}),
+        input_shape=tuple(example_input.shape[1:]),
     )
     log.info("apply(%s, %s): %s", toolkit, spec.label, report.timings_s)
     return quantized.model, report

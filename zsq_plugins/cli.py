@@ -49,14 +49,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0 if rows else 1
 
 
-def _parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
+def _parse_overrides(pairs: Sequence[str], flag: str = "--set") -> dict[str, object]:
     """``["iterations=50", "flip=true"]`` -> ``{"iterations": 50, "flip": True}`` (JSON values;
     anything that is not valid JSON is kept as a string)."""
     overrides: dict[str, object] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"zsq: error: --set expects KEY=VALUE, got {pair!r}")
+            raise SystemExit(f"zsq: error: {flag} expects KEY=VALUE, got {pair!r}")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -104,12 +104,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from zsq_plugins import apply, evaluate
-    from zsq_plugins.adapter import get_adapter
+    from zsq_plugins.adapter import check_toolkit_options, get_adapter
     from zsq_plugins.compare import REAL, GridConfig, calibration_images, evaluation_data
     from zsq_plugins.reporting import write_json
     from zsq_plugins.spec import QuantSpec
     from zsq_plugins.zoo import card, load
 
+    toolkit_options = _parse_overrides(args.toolkit_option, "--toolkit-option")
+    check_toolkit_options(get_adapter(args.toolkit), toolkit_options)  # before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = QuantSpec.parse(args.spec)
@@ -136,6 +138,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         reconstruct_budget=args.budget,
         aac=args.aac,
         abn=args.abn,
+        toolkit_options=toolkit_options,
         progress=not args.no_progress,
     )
     result = evaluate(
@@ -222,16 +225,23 @@ def _parse_only(options: Sequence[str]) -> dict[str, list[str]]:
 DEMO_MODEL = "resnet20_fmnist"
 
 
-def demo_config(toolkits: Sequence[str]) -> GridConfig:
-    """The demo: the embedded default model, real against zero-shot (genie) calibration, at
-    8 and 4 bits, in every installed toolkit."""
+DEMO_IMAGES, DEMO_TEST_IMAGES = 256, 2000
+"""The quick demo's calibration and evaluation images (``--full``: 1024 and the test set)."""
+
+
+def demo_config(toolkits: Sequence[str], full: bool = False) -> GridConfig:
+    """The demo: the embedded default model calibrated with noise, with zero-shot (genie)
+    images and with real images, in every installed toolkit, at W4A4, where the data source
+    matters (``full``: also W8A8 and W4A8, 1024 images, the whole test set)."""
     from zsq_plugins.compare import GridConfig
 
     return GridConfig(
         models=(DEMO_MODEL,),
         toolkits=tuple(toolkits),
-        data=("real", "genie"),
-        specs=("W8A8", "W4A4"),
+        data=("noise", "genie", "real"),
+        specs=("W8A8", "W4A8", "W4A4") if full else ("W4A4",),
+        num_samples=1024 if full else DEMO_IMAGES,
+        test_samples=None if full else DEMO_TEST_IMAGES,
     )
 
 
@@ -239,12 +249,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from zsq_plugins.adapter import installed_adapters
 
     toolkits = installed_adapters()
+    config = demo_config(toolkits, full=args.full)
     print(
-        f"zsq demo: {DEMO_MODEL} quantized in {', '.join(toolkits)} with real and with "
-        f"zero-shot (genie) calibration data; results go to {args.out}/\n",
+        f"zsq demo: {DEMO_MODEL} quantized at {', '.join(config.specs)} in "
+        f"{', '.join(toolkits)}, calibrated with {config.num_samples} noise, zero-shot (genie) "
+        f"and real images; results go to {args.out}/"
+        + ("" if args.full else " (the full grid: zsq demo --full)")
+        + "\n",
         flush=True,
     )
-    return _run_grid_and_print(demo_config(toolkits), args)
+    return _run_grid_and_print(config, args)
 
 
 def _run_options(parser: argparse.ArgumentParser) -> None:
@@ -318,6 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--seed", type=int, default=0)
     quantize.add_argument("--out", required=True, help="folder for data, report and ONNX")
     quantize.add_argument("--onnx", action="store_true", help="also export QDQ ONNX")
+    quantize.add_argument(
+        "--toolkit-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the toolkit's own call (VALUE as JSON, else a string), e.g. "
+        "--toolkit-option target_device=cpu or "
+        '--toolkit-option \'ignored_scope={"types": ["linear"]}\' for nncf',
+    )
     _run_options(quantize)
     quantize.set_defaults(run=_cmd_quantize)
 
@@ -353,12 +376,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="zero-shot vs real calibration of the embedded default in every toolkit",
-        description=f"Quantizes {DEMO_MODEL} in every installed toolkit at W8A8 and W4A4, "
-        "calibrated with real images and with zero-shot (genie) images, and prints the "
-        "comparison table; resumable like zsq compare.",
+        help="zero-shot vs noise vs real calibration of the embedded default in every toolkit",
+        description=f"Quantizes {DEMO_MODEL} in every installed toolkit at W4A4, calibrated "
+        "with noise, with zero-shot (genie) images and with real images, and prints the "
+        "comparison table, with how much of the noise-to-real gap zero-shot data recover; "
+        "resumable like zsq compare. --full: also W8A8 and W4A8, 1024 images, the whole "
+        "test set.",
     )
     demo.add_argument("--out", default="zsq-demo", help="results folder (default zsq-demo)")
+    demo.add_argument(
+        "--full",
+        action="store_true",
+        help="the full grid: three widths, 1024 images, all test images",
+    )
     demo.add_argument(
         "--data-dir", default=None, help="where synthetic sets are cached (default OUT/data)"
     )

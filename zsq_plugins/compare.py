@@ -106,6 +106,9 @@ class GridConfig:
     quant: dict[str, Any] = dataclasses.field(default_factory=dict)
     """QuantSpec fields for every label of ``specs``, e.g. ``{"overflow_fix": false}`` for
     the literature's full 8-bit first and last layers (a TOML table ``[grid.quant]``)."""
+    toolkit_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Per toolkit, options for its own call (``apply(..., toolkit_options=...)``), e.g.
+    ``{"nncf": {"target_device": "cpu"}}`` (a TOML table ``[grid.toolkit_options.nncf]``)."""
 
     def __post_init__(self) -> None:
         for field in ("models", "toolkits", "data", "specs", "reconstruct", "calibration"):
@@ -117,6 +120,12 @@ class GridConfig:
             )
         if not isinstance(self.quant, dict):
             raise ValueError(f"quant must be a table of QuantSpec fields, got {self.quant!r}")
+        options = self.toolkit_options
+        if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+            raise ValueError(f"toolkit_options must be a table per toolkit, got {options!r}")
+        strays = sorted(set(options) - set(self.toolkits))
+        if strays:
+            raise ValueError(f"toolkit_options for {strays}, which the grid's toolkits lack")
         for label in self.specs:
             self.quant_spec(label)  # a malformed label or option fails before any work
         for field in ("synthesis_budget", "reconstruct_budget"):
@@ -206,7 +215,10 @@ class GridConfig:
             "reconstruct_budget": self.reconstruct_budget,
             "test_samples": self.test_samples,
             "synthesis": self.synthesis,
-            "quant": self.quant,
+            # Options that were left at their defaults stay out, so that a folder made before
+            # an option existed keeps its protocol.
+            **({"quant": self.quant} if self.quant else {}),
+            **({"toolkit_options": self.toolkit_options} if self.toolkit_options else {}),
         }
 
 
@@ -368,6 +380,7 @@ def run_cell(
         seed=config.seed,
         reconstruct_budget=config.reconstruct_budget,
         progress=progress,
+        toolkit_options=config.toolkit_options.get(cell.toolkit),
         **CALIBRATIONS[cell.calibration],
     )
     started = time.perf_counter()
@@ -472,7 +485,7 @@ def run_grid(
     """
     from tqdm.auto import tqdm
 
-    from zsq_plugins.adapter import installed_adapters
+    from zsq_plugins.adapter import check_toolkit_options, get_adapter, installed_adapters
 
     cells = config.select(only) if only else list(config.cells())
     missing = sorted({cell.toolkit for cell in cells} - set(installed_adapters()))
@@ -482,6 +495,8 @@ def run_grid(
             f"{', '.join(installed_adapters())}. Install the extra named by the toolkit "
             "(e.g. pip install 'zsq-plugins[nncf]') or drop it from the grid."
         )
+    for toolkit, options in config.toolkit_options.items():  # a wrong option fails first
+        check_toolkit_options(get_adapter(toolkit), options)
     results = GridResults(out, config)
     results.check_protocol()
     todo = [] if render_only else [cell for cell in cells if results.finished(cell) is None]
@@ -590,6 +605,8 @@ def render_markdown(record: dict[str, Any]) -> str:
         protocol["synthesis overrides"] = json.dumps(record["config"]["synthesis"])
     if record["config"].get("quant"):
         protocol["QuantSpec fields"] = json.dumps(record["config"]["quant"])
+    if record["config"].get("toolkit_options"):
+        protocol["toolkit options"] = json.dumps(record["config"]["toolkit_options"])
     out.append("\n" + ", ".join(f"{k}: {v}" for k, v in protocol.items()) + ".\n")
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]

@@ -36,3 +36,7 @@ class CacheMismatchError(ZSQError):
 
 class UnsupportedModelError(ZSQError, ValueError):
     """The model cannot be handled as asked (wrong structure, bad weights, untraceable)."""
+
+
+class ToolkitOptionError(ZSQError, ValueError):
+    """A toolkit option the adapter does not take, or a value the toolkit cannot use."""
