@@ -64,9 +64,9 @@ def test_generate_writes_a_resumable_set(tmp_path, capsys):
     assert "made differently" in capsys.readouterr().err
 
 
-def test_generate_rejects_malformed_overrides(tmp_path):
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
-        main(["generate", "resnet20_fmnist", "--set", "iterations", "--out", str(tmp_path)])
+def test_generate_rejects_malformed_overrides(tmp_path, capsys):
+    assert main(["generate", "resnet20_fmnist", "--set", "iterations", "--out", str(tmp_path)]) == 2
+    assert "--set expects KEY=VALUE" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -97,3 +97,68 @@ def test_quantize_rejects_real_data_where_there_is_none(tmp_path, capsys):
     argv = ["quantize", "efficientnet_lite0", "--data", "real", "--out", str(tmp_path)]
     assert main(argv) == 2
     assert "no real training images" in capsys.readouterr().err
+
+
+OWN_MODEL = """
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )
+"""
+
+
+def _own_model(tmp_path):
+    path = tmp_path / "outside" / "net.py"
+    path.parent.mkdir()
+    path.write_text(OWN_MODEL)
+    return f"{path}:build"
+
+
+def test_quantize_own_model_saves_and_exports(tmp_path, capsys):
+    import torch
+    from PIL import Image
+
+    from zsq_plugins.model_source import load_model
+    from zsq_plugins.saving import load_quantized
+
+    source = _own_model(tmp_path)
+    for label in range(3):  # an evaluation folder: one sub-folder per class
+        folder = tmp_path / "eval" / f"class{label}"
+        folder.mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (9, 9), color=40 * (label + i)).save(folder / f"{i}.png")
+    out, saved, onnx = tmp_path / "out", tmp_path / "saved", tmp_path / "export" / "net.onnx"
+    argv = ["quantize", source, "--input-shape", "1,7,7", "--data", "noise", "--spec", "W4A4"]
+    argv += ["--num-samples", "32", "--out", str(out), "--no-progress"]
+    extra = ["--save", str(saved), "--onnx", str(onnx), "--eval-dir", str(tmp_path / "eval")]
+    assert main([*argv, *extra]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_test"] == 6 and report["top1"] is not None and report["agreement"] > 0
+    assert onnx.is_file() and report["onnx"] == str(onnx)
+    model, _ = load_quantized(saved)  # rebuilt from the source the manifest records
+    assert type(model).__module__.startswith("torch.fx")
+    x = torch.rand(2, 1, 7, 7)
+    assert model(x).shape == load_model(source)(x).shape
+    # no evaluation folder: agreement and KL on held-out synthetic images, no top-1
+    assert main([*argv, "--eval-samples", "16"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["top1"] is None and report["num_test"] == 16 and report["kl"] is not None
+
+
+def test_quantize_own_model_refuses_what_it_cannot_do(tmp_path, capsys):
+    source = _own_model(tmp_path)
+    argv = ["quantize", source, "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 2
+    assert "give its --input-shape C,H,W" in capsys.readouterr().err
+    assert main([*argv, "--input-shape", "1,7,7", "--data", "real"]) == 2
+    assert "only the zoo's models have" in capsys.readouterr().err
+    assert main(["quantize", f"{tmp_path}/none.py:build", *argv[2:], "--input-shape", "1,7"]) == 2
+    assert "--input-shape takes C,H,W" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from zsq_plugins.configio import parse_key_values
 from zsq_plugins.errors import ZSQError
 from zsq_plugins.reporting import markdown_table
 
@@ -49,28 +50,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0 if rows else 1
 
 
-def _parse_overrides(pairs: Sequence[str], flag: str = "--set") -> dict[str, object]:
-    """``["iterations=50", "flip=true"]`` -> ``{"iterations": 50, "flip": True}`` (JSON values;
-    anything that is not valid JSON is kept as a string)."""
-    overrides: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"zsq: error: {flag} expects KEY=VALUE, got {pair!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from zsq_plugins.synthesis import synthesize
     from zsq_plugins.zoo import load
 
-    overrides = _parse_overrides(args.set)  # malformed options fail before any work
+    overrides = parse_key_values(args.set, "--set")  # malformed options fail before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     data = synthesize(
@@ -101,66 +87,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    import torch
+    from zsq_plugins.quantize_command import run_quantize
 
-    from zsq_plugins import apply, evaluate
-    from zsq_plugins.adapter import check_toolkit_options, get_adapter
-    from zsq_plugins.compare import REAL, GridConfig, calibration_images, evaluation_data
-    from zsq_plugins.reporting import write_json
-    from zsq_plugins.spec import QuantSpec
-    from zsq_plugins.zoo import card, load
-
-    toolkit_options = _parse_overrides(args.toolkit_option, "--toolkit-option")
-    check_toolkit_options(get_adapter(args.toolkit), toolkit_options)  # before any work
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    spec = QuantSpec.parse(args.spec)
-    config = GridConfig(
-        models=(args.model,),
-        toolkits=(args.toolkit,),
-        data=(args.data,),
-        specs=(spec.label,),
-        num_samples=args.num_samples,
-        seed=args.seed,
-        synthesis_budget=args.budget,
-        reconstruct_budget=args.budget,
-    )
-    out = Path(args.out)
-    images = calibration_images(args.model, args.data, config, out / "data", not args.no_progress)
-    fp_model = load(args.model)
-    quantized, report = apply(
-        load(args.model),
-        args.toolkit,
-        spec,
-        data=images,
-        reconstruct=args.reconstruct,
-        seed=args.seed,
-        reconstruct_budget=args.budget,
-        aac=args.aac,
-        abn=args.abn,
-        toolkit_options=toolkit_options,
-        progress=not args.no_progress,
-    )
-    result = evaluate(
-        quantized, evaluation_data(args.model, None), fp_model, progress=not args.no_progress
-    )
-    summary = {
-        "model": args.model,
-        "fp32_top1": card(args.model).published_top1,
-        "top1": result.top1,
-        "agreement": result.agreement,
-        "kl": result.kl,
-        "real_data": args.data == REAL,
-        **report.to_dict(),
-    }
-    if args.onnx:
-        path = get_adapter(args.toolkit).export_onnx(
-            report.quantized, out / f"{args.model}-{args.toolkit}-{spec.label}.onnx", images[:1]
-        )
-        summary["onnx"] = str(path)
-    write_json(out / "report.json", summary)
-    print(json.dumps({k: summary[k] for k in ("model", "fp32_top1", "top1", "agreement")}))
-    return 0
+    return run_quantize(args)
 
 
 def _run_grid_and_print(
@@ -314,7 +243,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Calibrates (and optionally reconstructs) a zoo model inside a toolkit, "
         "evaluates it against FP32 and writes OUT/report.json (and an ONNX file with --onnx).",
     )
-    quantize.add_argument("model", help="a zoo model name (see: zsq zoo)")
+    quantize.add_argument(
+        "model",
+        help="a zoo model name (see: zsq zoo), or yours: path/to/file.py:factory or "
+        "package.module:factory",
+    )
+    quantize.add_argument(
+        "--weights", default=None, help="the model's state dict (safetensors, or .pt: no pickle)"
+    )
+    quantize.add_argument(
+        "--input-shape", default=None, metavar="C,H,W", help="your model's input (zoo: known)"
+    )
+    quantize.add_argument(
+        "--eval-dir",
+        default=None,
+        help="labelled evaluation images, one folder per class (default for your model: "
+        "agreement and KL to FP32 on held-out synthetic images)",
+    )
+    quantize.add_argument(
+        "--eval-samples", type=int, default=256, help="held-out synthetic images (default 256)"
+    )
+    quantize.add_argument(
+        "--save", default=None, metavar="DIR", help="save the toolkit's model (load_quantized)"
+    )
     quantize.add_argument("--toolkit", default="fx", help="fx, pt2e, nncf, brevitas or a plugin's")
     quantize.add_argument("--spec", default="W8A8", help="e.g. W8A8, W4A4 (default W8A8)")
     quantize.add_argument(
@@ -331,7 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("--seed", type=int, default=0)
     quantize.add_argument("--out", required=True, help="folder for data, report and ONNX")
-    quantize.add_argument("--onnx", action="store_true", help="also export QDQ ONNX")
+    quantize.add_argument(
+        "--onnx",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FILE",
+        help="also export QDQ ONNX (to FILE, default OUT/<model>-<toolkit>-<spec>.onnx)",
+    )
     quantize.add_argument(
         "--toolkit-option",
         action="append",

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Sequence
 from enum import Enum
 from typing import Any, TypeVar
+
+from zsq_plugins.errors import ZSQError
 
 T = TypeVar("T")
 
@@ -27,6 +31,21 @@ def checked_replace(config: T, what: str, **overrides: Any) -> T:
     if unknown:
         raise ValueError(f"unknown {what} option(s) {unknown}; valid options: {', '.join(names)}")
     return dataclasses.replace(config, **overrides)
+
+
+def parse_key_values(pairs: Sequence[str], flag: str) -> dict[str, Any]:
+    """``["iterations=50", "flip=true"]`` -> ``{"iterations": 50, "flip": True}``: the
+    command line's KEY=VALUE options (JSON values; anything that is not JSON is a string)."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ZSQError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        try:
+            values[key] = json.loads(value)
+        except json.JSONDecodeError:
+            values[key] = value
+    return values
 
 
 class Budget(str, Enum):

@@ -1,0 +1,136 @@
+"""``zsq quantize``: one model (a zoo name, or yours: ``path/to/file.py:factory`` or
+``package.module:factory`` with ``--weights``) in one toolkit, evaluated against FP32, saved
+and exported on request."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from zsq_plugins.configio import parse_key_values
+from zsq_plugins.errors import ZSQError
+
+IMAGE_MODES = {1: "L", 3: "RGB"}
+"""PIL's mode for the images of an evaluation folder, by the model's input channels."""
+HELD_OUT_SEED_OFFSET = 1
+"""Without an evaluation folder, a user model is compared with its FP32 self on synthetic
+images of the same preset made with ``seed + 1``: images the calibration did not use."""
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"3,224,224"`` -> ``(3, 224, 224)``."""
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ZSQError(f"--input-shape takes C,H,W (three positive integers), got {text!r}")
+    return shape
+
+
+def _zoo_data(args: argparse.Namespace, out: Path) -> tuple[nn.Module, torch.Tensor, Any]:
+    """A zoo model, its calibration images (cached like ``zsq compare``'s) and test set."""
+    from zsq_plugins.compare import GridConfig, calibration_images, evaluation_data
+    from zsq_plugins.model_source import load_model
+
+    config = GridConfig(
+        models=(args.model,),
+        toolkits=(args.toolkit,),
+        data=(args.data,),
+        specs=(args.spec,),
+        num_samples=args.num_samples,
+        seed=args.seed,
+        synthesis_budget=args.budget,
+        reconstruct_budget=args.budget,
+    )
+    images = calibration_images(args.model, args.data, config, out / "data", not args.no_progress)
+    return load_model(args.model, args.weights), images, evaluation_data(args.model, None)
+
+
+def _own_data(args: argparse.Namespace, out: Path) -> tuple[nn.Module, torch.Tensor, Any]:
+    """A user's model, zero-shot images for it, and its evaluation images: the labelled
+    ``--eval-dir`` folder, or held-out synthetic images (agreement and KL to FP32 only)."""
+    from zsq_plugins.compare import REAL
+    from zsq_plugins.datasets import ImageFolder
+    from zsq_plugins.model_source import load_model
+    from zsq_plugins.synthesis import synthesize
+
+    if args.input_shape is None:
+        raise ZSQError(f"{args.model} is not a zoo model: give its --input-shape C,H,W")
+    if args.data == REAL:
+        raise ZSQError(
+            "--data real needs the model's training images, which only the zoo's models have "
+            "here; use a generator preset (genie, zeroq, dsg, noise, ...)"
+        )
+    shape = parse_shape(args.input_shape)
+    model = load_model(args.model, args.weights)
+    common = {"budget": args.budget, "input_shape": shape, "progress": not args.no_progress}
+    images = synthesize(
+        model, args.num_samples, args.data, args.seed, cache_dir=out / "data" / args.data,
+        **common,
+    ).images  # fmt: skip
+    if args.eval_dir:
+        if shape[0] not in IMAGE_MODES:
+            raise ZSQError(f"--eval-dir holds images: 1 or 3 channels, not {shape[0]}")
+        test: Any = ImageFolder(args.eval_dir, size=shape[-1], mode=IMAGE_MODES[shape[0]])
+    else:
+        held_out = args.seed + HELD_OUT_SEED_OFFSET
+        test = synthesize(
+            model, args.eval_samples, args.data, held_out,
+            cache_dir=out / "data" / f"{args.data}-held-out", **common,
+        ).images  # fmt: skip
+    return model, images, test
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from zsq_plugins import apply, evaluate
+    from zsq_plugins.adapter import check_toolkit_options, get_adapter
+    from zsq_plugins.compare import REAL
+    from zsq_plugins.reporting import write_json
+    from zsq_plugins.saving import export_onnx, save_quantized
+    from zsq_plugins.spec import QuantSpec
+    from zsq_plugins.zoo import card
+
+    toolkit_options = parse_key_values(args.toolkit_option, "--toolkit-option")
+    check_toolkit_options(get_adapter(args.toolkit), toolkit_options)  # before any work
+    spec = QuantSpec.parse(args.spec)
+    save = Path(args.save) if args.save else None
+    if save is not None and save.exists():
+        raise ZSQError(f"--save {save} exists; choose another folder, or delete it")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    zoo_model = ":" not in args.model
+    load = _zoo_data if zoo_model else _own_data
+    fp_model, images, test = load(args, out)
+    model, report = apply(
+        fp_model, args.toolkit, spec, data=images, reconstruct=args.reconstruct,
+        seed=args.seed, reconstruct_budget=args.budget, aac=args.aac, abn=args.abn,
+        toolkit_options=toolkit_options, progress=not args.no_progress,
+    )  # fmt: skip
+    result = evaluate(model, test, fp_model, progress=not args.no_progress)
+    summary = {
+        "model": args.model,
+        "fp32_top1": card(args.model).published_top1 if zoo_model else None,
+        "top1": result.top1,
+        "agreement": result.agreement,
+        "kl": result.kl,
+        "num_test": result.num_samples,
+        "real_data": args.data == REAL,
+        **report.to_dict(),
+    }
+    if args.onnx is not None:
+        name = f"{Path(args.model.replace(':', '-')).name}-{args.toolkit}-{spec.label}.onnx"
+        path = export_onnx(model, report, Path(args.onnx) if args.onnx else out / name)
+        summary["onnx"] = str(path)
+    if save is not None:
+        save_quantized(model, report, save, fp_model=fp_model, source=args.model)
+        summary["saved"] = str(save)
+    write_json(out / "report.json", summary)
+    print(json.dumps({k: summary[k] for k in ("model", "fp32_top1", "top1", "agreement")}))
+    return 0
