@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -66,10 +67,13 @@ def run(python: Path) -> dict[str, Any]:
     )
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "junit.xml"
+        # NNCF compiles its extension per torch: each venv keeps its own build.
+        venv = python.absolute().parent.parent
+        env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(venv / "torch_extensions")}
         subprocess.run(
             [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS,
              f"--junitxml={report}"],
-            cwd=ROOT, capture_output=True, text=True,
+            cwd=ROOT, capture_output=True, text=True, env=env,
         )  # fmt: skip
         cases = ElementTree.parse(report).getroot().iter("testcase")
         counts: dict[str, dict[str, int]] = {}

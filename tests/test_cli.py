@@ -162,3 +162,10 @@ def test_quantize_own_model_refuses_what_it_cannot_do(tmp_path, capsys):
     assert main(["quantize", f"{tmp_path}/none.py:build", *argv[2:], "--input-shape", "1,7"]) == 2
     assert "--input-shape takes C,H,W" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_for_own_model(tmp_path, capsys):
+    argv = ["generate", _own_model(tmp_path), "--input-shape", "1,7,7", "--preset", "zeroq"]
+    argv += ["--num-samples", "4", "--set", "iterations=2", "--out", str(tmp_path / "set")]
+    assert main([*argv, "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 4

@@ -53,14 +53,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from zsq_plugins.model_source import load_model
+    from zsq_plugins.quantize_command import parse_shape
     from zsq_plugins.synthesis import synthesize
-    from zsq_plugins.zoo import load
 
     overrides = parse_key_values(args.set, "--set")  # malformed options fail before any work
+    if args.input_shape is not None:
+        overrides["input_shape"] = parse_shape(args.input_shape)
     if args.threads:
         torch.set_num_threads(args.threads)
     data = synthesize(
-        load(args.model),
+        load_model(args.model, args.weights),
         args.num_samples,
         args.preset,
         args.seed,
@@ -190,6 +193,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return _run_grid_and_print(config, args)
 
 
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    """The model a command works on: a zoo name or a user's factory, its weights and input."""
+    parser.add_argument(
+        "model",
+        help="a zoo model name (see: zsq zoo), or yours: path/to/file.py:factory or "
+        "package.module:factory",
+    )
+    parser.add_argument(
+        "--weights", default=None, help="the model's state dict (safetensors, or .pt: no pickle)"
+    )
+    parser.add_argument(
+        "--input-shape", default=None, metavar="C,H,W", help="your model's input (zoo: known)"
+    )
+
+
 def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -219,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         "manifest); resumes an interrupted run. Under torchrun --nproc_per_node=N the ranks "
         "share the batches.",
     )
-    generate.add_argument("model", help="a zoo model name (see: zsq zoo)")
+    _model_options(generate)
     generate.add_argument("--preset", default="genie", help="generator preset (default genie)")
     generate.add_argument("--num-samples", type=int, default=1024)
     generate.add_argument("--seed", type=int, default=0)
@@ -243,17 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Calibrates (and optionally reconstructs) a zoo model inside a toolkit, "
         "evaluates it against FP32 and writes OUT/report.json (and an ONNX file with --onnx).",
     )
-    quantize.add_argument(
-        "model",
-        help="a zoo model name (see: zsq zoo), or yours: path/to/file.py:factory or "
-        "package.module:factory",
-    )
-    quantize.add_argument(
-        "--weights", default=None, help="the model's state dict (safetensors, or .pt: no pickle)"
-    )
-    quantize.add_argument(
-        "--input-shape", default=None, metavar="C,H,W", help="your model's input (zoo: known)"
-    )
+    _model_options(quantize)
     quantize.add_argument(
         "--eval-dir",
         default=None,
