@@ -1,5 +1,5 @@
 """Toolkit adapters, installed as ``zsq_plugins.adapters``.
 
 Each adapter imports its toolkit lazily and is registered in the ``zsq_plugins.adapters``
-entry-point group, so that the core never imports a toolkit (DESIGN.md, rule 1).
+entry-point group, so that the core never imports a toolkit.
 """

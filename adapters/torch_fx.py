@@ -5,7 +5,7 @@ for weights (per channel) and activations (per tensor), so that a WxAy model is 
 full; ``.eval()`` keeps it a deterministic fake-quantized model. Calibration is torch.ao's own:
 observers on, fake quantization off, a loop over the DataLoader, then the reverse.
 
-Two graph fixes after ``prepare_qat_fx`` (ENVIRONMENT.md measured both costing accuracy):
+Two graph fixes after ``prepare_qat_fx`` (each measured to cost accuracy when left out):
 - bit widths follow the consumer: an activation quantizer feeding an 8-bit layer (the first
   conv, the last linear) or the model's output is 8-bit, every other one has ``act_bits``
   (FX sizes it by the producer's qconfig and shares it through pooling and flattening);

@@ -330,3 +330,48 @@ def test_shipped_config_reproduces_the_committed_table(tmp_path, capsys):
         assert row["top1"] == pytest.approx(
             committed[row["toolkit"], row["data"], row["spec"]], abs=0.15
         )
+
+
+USER_NET = """
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+    )
+"""
+
+
+def test_a_grid_compares_a_users_own_model(tmp_path):
+    """A model from a file outside the repository, named in the grid like a zoo model; without
+    an evaluation folder it is measured by agreement and KL on held-out images."""
+    (tmp_path / "nets").mkdir()
+    (tmp_path / "nets" / "net.py").write_text(USER_NET)
+    own = {"source": f"{tmp_path / 'nets' / 'net.py'}:build", "input_shape": [1, 7, 7]}
+    config = GridConfig(
+        models=["my_net"],
+        toolkits=["fx"],
+        data=["noise"],
+        specs=["W8A8", "W4A4"],
+        num_samples=16,
+        user_models={"my_net": {**own, "eval_preset": "noise", "eval_samples": 8}},
+    )
+    rows = run_grid(config, tmp_path / "out", progress=False, plots=False)
+    assert [(r["spec"], r["top1"], r["num_test"]) for r in rows] == [
+        ("W8A8", None, 8),
+        ("W4A4", None, 8),
+    ]
+    assert all(r["agreement"] is not None and r["fp32_top1"] is None for r in rows)
+    page = (tmp_path / "out" / "results.md").read_text()
+    assert "## my_net (unlabelled: agreement and KL to FP32, 8 test images)" in page
+    with pytest.raises(ValueError, match="unknown user model field"):
+        GridConfig(models=["my_net"], toolkits=["fx"], data=["noise"], specs=["W8A8"],
+                   user_models={"my_net": {**own, "colour": "blue"}})  # fmt: skip
+    with pytest.raises(ZSQError, match="no real training images"):
+        real = GridConfig(models=["my_net"], toolkits=["fx"], data=["real"], specs=["W8A8"],
+                          user_models={"my_net": own})  # fmt: skip
+        run_grid(real, tmp_path / "real", progress=False, plots=False)

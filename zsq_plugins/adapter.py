@@ -1,6 +1,6 @@
 """The seam between the core and a quantization toolkit: adapters and quantizer handles.
 
-An adapter (DESIGN.md rules 1-3) builds the toolkit's own quantized model for a QuantSpec,
+An adapter builds the toolkit's own quantized model for a QuantSpec,
 calibrates it with our data in the toolkit's native way, exposes every quantizer as a
 ``QuantizerHandle`` named after the FP model's modules, and exports ONNX. The algorithms
 (synthesis, reconstruction, clipping) live in the core and reach the toolkit's model only

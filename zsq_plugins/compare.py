@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,6 +39,7 @@ from zsq_plugins.reporting import (
     write_text_atomic,
 )
 from zsq_plugins.spec import QuantSpec
+from zsq_plugins.user_models import UserModel
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,10 @@ class GridConfig:
     toolkit_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     """Per toolkit, options for its own call (``apply(..., toolkit_options=...)``), e.g.
     ``{"nncf": {"target_device": "cpu"}}`` (a TOML table ``[grid.toolkit_options.nncf]``)."""
+    user_models: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Models of your own, by the name ``models`` gives them: UserModel fields, e.g.
+    ``{"my_net": {"source": "nets/my_net.py:build", "input_shape": [3, 32, 32]}}`` (a TOML
+    table ``[grid.user_models.my_net]``)."""
 
     def __post_init__(self) -> None:
         for field in ("models", "toolkits", "data", "specs", "reconstruct", "calibration"):
@@ -126,6 +132,12 @@ class GridConfig:
         strays = sorted(set(options) - set(self.toolkits))
         if strays:
             raise ValueError(f"toolkit_options for {strays}, which the grid's toolkits lack")
+        if not isinstance(self.user_models, dict):
+            raise ValueError(f"user_models must be a table per model, got {self.user_models!r}")
+        for name, fields in self.user_models.items():
+            if not isinstance(fields, dict):
+                raise ValueError(f"user_models.{name} must be a table, got {fields!r}")
+            UserModel.from_dict(fields)  # a wrong field fails before any work
         for label in self.specs:
             self.quant_spec(label)  # a malformed label or option fails before any work
         for field in ("synthesis_budget", "reconstruct_budget"):
@@ -174,6 +186,20 @@ class GridConfig:
     def to_dict(self) -> dict[str, Any]:
         return to_json_dict(self)
 
+    def user_model(self, name: str) -> UserModel | None:
+        """The grid's own model of that name (None: a zoo model)."""
+        fields = self.user_models.get(name)
+        return UserModel.from_dict(fields) if fields is not None else None
+
+    def load_model(self, name: str) -> nn.Module:
+        """The FP model a ``models`` name stands for: the grid's own, or the zoo's."""
+        user = self.user_model(name)
+        if user is not None:
+            return user.load()
+        from zsq_plugins import zoo
+
+        return zoo.load(name)
+
     def quant_spec(self, label: str) -> QuantSpec:
         """The QuantSpec of a ``specs`` label, with the grid's ``quant`` fields."""
         return QuantSpec.from_dict({**QuantSpec.parse(label).to_dict(), **self.quant})
@@ -219,6 +245,7 @@ class GridConfig:
             # an option existed keeps its protocol.
             **({"quant": self.quant} if self.quant else {}),
             **({"toolkit_options": self.toolkit_options} if self.toolkit_options else {}),
+            **({"user_models": self.user_models} if self.user_models else {}),
         }
 
 
@@ -302,8 +329,9 @@ def calibration_images(
     from zsq_plugins.synthesis import synthesize
     from zsq_plugins.synthesis.adversarial import adversarial_synthesize
 
+    user = config.user_model(model_name)
     if source == REAL:
-        if zoo.card(model_name).dataset != "fashion_mnist":
+        if user is not None or zoo.card(model_name).dataset != "fashion_mnist":
             raise ZSQError(
                 f"no real training images are available offline for {model_name}; use "
                 "generator presets only for it"
@@ -320,13 +348,14 @@ def calibration_images(
         config.seed,
         config.synthesis,
     )
+    synthesis = {**config.synthesis, **({"input_shape": user.input_shape} if user else {})}
     if plays_toolkit(source, config):
         if cell is None:
             raise ValueError(f"{source!r} data are made per toolkit and spec: pass the cell")
         spec = config.quant_spec(cell.spec)
         digest = hashlib.sha256(spec.to_json().encode()).hexdigest()[:10]
         data = adversarial_synthesize(
-            zoo.load(model_name),
+            config.load_model(model_name),
             cell.toolkit,
             spec,
             config.num_samples,
@@ -335,27 +364,27 @@ def calibration_images(
             budget=config.synthesis_budget,
             cache_dir=folder / f"{cell.toolkit}-{cell.spec}-{digest}",
             progress=progress,
-            **config.synthesis,
+            **synthesis,
         )
         return data.images
     data = synthesize(
-        zoo.load(model_name),
+        config.load_model(model_name),
         config.num_samples,
         source,
         config.seed,
         budget=config.synthesis_budget,
         cache_dir=folder,
         progress=progress,
-        **config.synthesis,
+        **synthesis,
     )
     return data.images
 
 
-def fp32_top1(model_name: str, test: Any) -> float | None:
-    """The FP32 model's top-1 on exactly the grid's evaluation images."""
-    from zsq_plugins import evaluate, zoo
+def fp32_top1(model: nn.Module, test: Any) -> float | None:
+    """The FP32 model's top-1 on exactly the grid's evaluation images (None: unlabelled)."""
+    from zsq_plugins import evaluate
 
-    return evaluate(zoo.load(model_name), test, progress=False).top1
+    return evaluate(model, test, progress=False).top1
 
 
 def run_cell(
@@ -369,10 +398,10 @@ def run_cell(
     """Quantizes, calibrates (and reconstructs) one cell and evaluates it against FP32."""
     from zsq_plugins import apply, evaluate, zoo
 
-    fp_model = zoo.load(cell.model)
+    fp_model = config.load_model(cell.model)
     reconstruct = None if cell.reconstruct == NO_RECONSTRUCTION else cell.reconstruct
     quantized, report = apply(
-        zoo.load(cell.model),
+        config.load_model(cell.model),
         cell.toolkit,
         config.quant_spec(cell.spec),
         data=images,
@@ -392,7 +421,9 @@ def run_cell(
         "agreement": result.agreement,
         "kl": result.kl,
         "num_test": result.num_samples,
-        "fp32_top1": fp32 if fp32 is not None else zoo.card(cell.model).published_top1,
+        "fp32_top1": fp32
+        if fp32 is not None or config.user_model(cell.model)
+        else (zoo.card(cell.model).published_top1),
         "timings_s": {**report.timings_s, "evaluate": round(time.perf_counter() - started, 3)},
         "reconstruction_fidelity": (
             max((b.fidelity for b in reconstruction.blocks), default=None)
@@ -526,12 +557,20 @@ def run_grid(
             )
         images = images_for[wanted]
         if test_for != cell.model:
-            test = evaluation_data(cell.model, config.test_samples)
-            fp32 = fp32_top1(cell.model, test)
+            user = config.user_model(cell.model)
+            if user is None:
+                test = evaluation_data(cell.model, config.test_samples)
+            else:
+                test = user.evaluation_data(
+                    config.load_model(cell.model), config.test_samples,
+                    Path(data_dir or results.folder / "data") / cell.model, config.seed,
+                    config.synthesis_budget, progress,
+                )  # fmt: skip
+            fp32 = fp32_top1(config.load_model(cell.model), test)
             test_for = cell.model
         result = run_cell(cell, config, images, test, progress, fp32)
         results.record(cell, result)
-        log.info("%s: top-1 %.2f", cell.key, result["top1"])
+        log.info("%s: top-1 %s, agreement %.2f", cell.key, result["top1"], result["agreement"])
     rows = results.collected()
     folder = Path(out)
     # Several processes may fill one folder (run_grid's ``only``), and a later one may run
@@ -593,6 +632,10 @@ METRICS = {
 }
 
 
+def _fp32_label(top1: float | None) -> str:
+    return f"FP32 {top1:.2f}%" if top1 is not None else "unlabelled: agreement and KL to FP32"
+
+
 def render_markdown(record: dict[str, Any]) -> str:
     """Per model and reconstruction setting, a table per metric (top-1, agreement with FP32,
     KL to FP32): a row per (data, spec), a column per toolkit, and the spread between them."""
@@ -610,9 +653,8 @@ def render_markdown(record: dict[str, Any]) -> str:
     out.append("\n" + ", ".join(f"{k}: {v}" for k, v in protocol.items()) + ".\n")
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
-        out.append(
-            f"\n## {model} (FP32 {mine[0]['fp32_top1']:.2f}%, {mine[0]['num_test']} test images)\n"
-        )
+        fp32, count = _fp32_label(mine[0]["fp32_top1"]), mine[0]["num_test"]
+        out.append(f"\n## {model} ({fp32}, {count} test images)\n")
         toolkits = in_grid_order((r["toolkit"] for r in mine), record["config"]["toolkits"])
         specs = sorted(dict.fromkeys(r["spec"] for r in mine), key=spec_order)
         settings = dict.fromkeys((r["reconstruct"], r.get("calibration", PLAIN)) for r in mine)

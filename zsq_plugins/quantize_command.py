@@ -15,12 +15,6 @@ from torch import nn
 from zsq_plugins.configio import parse_key_values
 from zsq_plugins.errors import ZSQError
 
-IMAGE_MODES = {1: "L", 3: "RGB"}
-"""PIL's mode for the images of an evaluation folder, by the model's input channels."""
-HELD_OUT_SEED_OFFSET = 1
-"""Without an evaluation folder, a user model is compared with its FP32 self on synthetic
-images of the same preset made with ``seed + 1``: images the calibration did not use."""
-
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"3,224,224"`` -> ``(3, 224, 224)``."""
@@ -56,9 +50,8 @@ def _own_data(args: argparse.Namespace, out: Path) -> tuple[nn.Module, torch.Ten
     """A user's model, zero-shot images for it, and its evaluation images: the labelled
     ``--eval-dir`` folder, or held-out synthetic images (agreement and KL to FP32 only)."""
     from zsq_plugins.compare import REAL
-    from zsq_plugins.datasets import ImageFolder
-    from zsq_plugins.model_source import load_model
     from zsq_plugins.synthesis import synthesize
+    from zsq_plugins.user_models import UserModel
 
     if args.input_shape is None:
         raise ZSQError(f"{args.model} is not a zoo model: give its --input-shape C,H,W")
@@ -67,23 +60,22 @@ def _own_data(args: argparse.Namespace, out: Path) -> tuple[nn.Module, torch.Ten
             "--data real needs the model's training images, which only the zoo's models have "
             "here; use a generator preset (genie, zeroq, dsg, noise, ...)"
         )
-    shape = parse_shape(args.input_shape)
-    model = load_model(args.model, args.weights)
-    common = {"budget": args.budget, "input_shape": shape, "progress": not args.no_progress}
+    try:
+        user = UserModel(
+            source=args.model, weights=args.weights, input_shape=parse_shape(args.input_shape),
+            eval_dir=args.eval_dir, eval_preset=args.data, eval_samples=args.eval_samples,
+        )  # fmt: skip
+    except ValueError as error:
+        raise ZSQError(str(error)) from None
+    model = user.load()
     images = synthesize(
-        model, args.num_samples, args.data, args.seed, cache_dir=out / "data" / args.data,
-        **common,
+        model, args.num_samples, args.data, args.seed, budget=args.budget,
+        input_shape=user.input_shape, cache_dir=out / "data" / args.data,
+        progress=not args.no_progress,
     ).images  # fmt: skip
-    if args.eval_dir:
-        if shape[0] not in IMAGE_MODES:
-            raise ZSQError(f"--eval-dir holds images: 1 or 3 channels, not {shape[0]}")
-        test: Any = ImageFolder(args.eval_dir, size=shape[-1], mode=IMAGE_MODES[shape[0]])
-    else:
-        held_out = args.seed + HELD_OUT_SEED_OFFSET
-        test = synthesize(
-            model, args.eval_samples, args.data, held_out,
-            cache_dir=out / "data" / f"{args.data}-held-out", **common,
-        ).images  # fmt: skip
+    test = user.evaluation_data(
+        model, None, out / "data", args.seed, args.budget, not args.no_progress
+    )
     return model, images, test
 
 

@@ -1,6 +1,6 @@
 """Results as data: environment capture, atomic JSON files and generated Markdown tables.
 
-Every figure in the docs comes from a JSON written through here (BENCHMARKS.md).
+Every figure in the docs comes from a JSON written through here (docs/results.md).
 """
 
 from __future__ import annotations

@@ -29,9 +29,10 @@ class Symmetry(str, Enum):
 class QuantSpec:
     """Bit widths and quantizer layout, in the literature's standard setting by default.
 
-    The defaults follow the standard PTQ setting of BRECQ/QDrop/Genie (see BENCHMARKS.md):
+    The defaults follow the standard PTQ setting of BRECQ/QDrop/Genie (docs/quantspec.md):
     per-output-channel symmetric weights, per-tensor asymmetric activations, and the first
-    conv and last linear layer (with their inputs) kept at 8 bits.
+    conv and last linear layer (with their inputs) kept at 8 bits, less one weight bit where
+    x86 int8 kernels need it (``overflow_fix``).
     """
 
     weight_bits: int = 8

@@ -1,6 +1,6 @@
 """Generation under torchrun / torch.distributed: one disjoint share of the batches per rank.
 
-No process pool of our own (DESIGN.md rule 8): ``torchrun --nproc_per_node=N`` starts the
+No process pool of our own: ``torchrun --nproc_per_node=N`` starts the
 processes, gloo (CPU) or NCCL (CUDA) connects them, and the shared cache folder carries the
 shards. Batch ``i`` goes to rank ``i % world`` and is seeded by (seed, i) alone, so the merged
 set equals a single-process run with the same seed and batch schedule.
