@@ -29,12 +29,12 @@ import torch
 from torch import nn
 
 from zsq_plugins.adapter import HandleBase, QuantizedModel, QuantizerKind
+from zsq_plugins.layers import Normalize
 from zsq_plugins.quant.export import ContainerFakeQuantize, bake_weight
 from zsq_plugins.quant.fakequant import integer_range
 from zsq_plugins.quant.fold import float_graph
 from zsq_plugins.quant.reference import eight_bit_layers, layer_bits, quantizable_layers
 from zsq_plugins.spec import OVERFLOW_SAFE_WEIGHT_BITS, Granularity, QuantSpec, Symmetry
-from zsq_plugins.zoo._layers import Normalize
 
 CLAMP_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
 CLAMP_FUNCTIONS = (torch.relu, nn.functional.relu, nn.functional.relu6, nn.functional.hardtanh)

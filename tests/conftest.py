@@ -56,7 +56,7 @@ def pseudo_images(n: int, generator: torch.Generator) -> torch.Tensor:
 def zoo_style_bn_model() -> nn.Module:
     """A zoo-style model (inputs in [0, 1], normalized inside) whose BN statistics come from
     pseudo_images: reachable, and not already matched by Gaussian noise. Deterministic."""
-    from zsq_plugins.zoo._layers import Normalize
+    from zsq_plugins.layers import Normalize
 
     torch.manual_seed(0)
     net = TinyConvNet()
@@ -81,7 +81,7 @@ def quadrant_labels(images: torch.Tensor) -> torch.Tensor:
 def trained_no_bn_model() -> nn.Module:
     """A small conv net without BatchNorm, trained on pseudo_images (quadrant_labels): its
     weights carry what its data look like, as a pretrained model's do. Deterministic."""
-    from zsq_plugins.zoo._layers import Normalize
+    from zsq_plugins.layers import Normalize
 
     torch.manual_seed(0)
     model = nn.Sequential(

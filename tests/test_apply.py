@@ -8,7 +8,7 @@ from tests.conftest import TinyConvNet
 from zsq_plugins import QuantSpec, apply
 from zsq_plugins.adapter import ADAPTERS, installed_adapters
 from zsq_plugins.errors import MissingDependencyError, UnknownPluginError, UnsupportedModelError
-from zsq_plugins.zoo._layers import Normalize
+from zsq_plugins.layers import Normalize
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

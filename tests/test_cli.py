@@ -169,3 +169,28 @@ def test_generate_for_own_model(tmp_path, capsys):
     argv += ["--num-samples", "4", "--set", "iterations=2", "--out", str(tmp_path / "set")]
     assert main([*argv, "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 4
+
+
+def test_quantize_a_model_normalized_outside(tmp_path):
+    """The input contract on the command line: images come normalized, their pixels bounded."""
+    from zsq_plugins.saving import load_quantized
+
+    path = tmp_path / "outside" / "net.py"
+    path.parent.mkdir()
+    path.write_text(OWN_MODEL.replace("nn.Conv2d(1, 8", "nn.Conv2d(3, 8"))
+    out = tmp_path / "out"
+    argv = ["quantize", f"{path}:build", "--input-shape", "3,7,7", "--data", "genie"]
+    argv += ["--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--pixel-range", "0,1"]
+    argv += ["--num-samples", "8", "--eval-samples", "8", "--budget", "cpu", "--no-progress"]
+    assert main([*argv, "--out", str(out), "--save", str(tmp_path / "saved")]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["input_shape"] == [3, 7, 7] and report["agreement"] is not None
+    model, _ = load_quantized(tmp_path / "saved")
+    assert model is not None
+    assert main([*argv, "--mean", "0.5,0.5", "--std", "0.2,0.2", "--out", str(out)]) == 2
+
+
+def test_quantize_refuses_input_flags_for_a_zoo_model(tmp_path, capsys):
+    argv = ["quantize", "resnet20_fmnist", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main([*argv, "--mean", "0.5", "--std", "0.2"]) == 2
+    assert "--mean, --std are for a model of your own" in capsys.readouterr().err

@@ -196,3 +196,35 @@ def test_weights_files_fail_clearly(user_source, tmp_path):
     save_file({"head.weight": torch.zeros(2, 2)}, str(other))
     with pytest.raises(UnsupportedModelError, match="does not fit"):
         load_model(user_source, other)
+
+
+@pytest.mark.parametrize("toolkit", ["fx", "pt2e", "nncf", "brevitas"])
+def test_the_command_line_saves_a_user_model_that_reloads_elsewhere(toolkit, user_source, tmp_path):
+    """zsq quantize --save --onnx on a model from a file outside the repository; the saved
+    model reloads in a fresh process with the outputs of the ONNX export's toolkit model."""
+    if toolkit not in installed_adapters():
+        pytest.skip(f"{toolkit} is not installed")
+    from zsq_plugins.cli import main
+
+    saved, onnx = tmp_path / "saved", tmp_path / "model.onnx"
+    argv = ["quantize", user_source, "--toolkit", toolkit, "--spec", "W4A4", "--data", "noise"]
+    argv += ["--input-shape", "1,7,7", "--num-samples", "32", "--eval-samples", "8"]
+    argv += ["--out", str(tmp_path / "out"), "--save", str(saved), "--onnx", str(onnx)]
+    assert main([*argv, "--no-progress"]) == 0
+    x = torch.rand(8, 1, 7, 7, generator=torch.Generator().manual_seed(2))
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    subprocess.run(
+        [sys.executable, "-c", RELOAD, str(saved), str(tmp_path / "x.safetensors"),
+         str(tmp_path / "y.safetensors")],
+        check=True, timeout=300,
+    )  # fmt: skip
+    reloaded = load_file(str(tmp_path / "y.safetensors"))["y"]
+    onnxruntime = pytest.importorskip("onnxruntime")
+    session = onnxruntime.InferenceSession(str(onnx))
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    # NNCF quantizes with its own arithmetic ((x - low) * levels / range), QDQ with x / s + z:
+    # a value within float error of a level boundary may round apart, as the conformance
+    # template allows (zsq_plugins.testing.check_onnx_export)
+    tolerance = 0.03 * float(reloaded.abs().max())
+    torch.testing.assert_close(torch.from_numpy(got), reloaded, atol=tolerance, rtol=0)
+    assert (torch.from_numpy(got).argmax(1) == reloaded.argmax(1)).float().mean() >= 0.9

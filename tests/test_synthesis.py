@@ -16,6 +16,7 @@ from zsq_plugins.errors import (
     UnknownPluginError,
     UnsupportedModelError,
 )
+from zsq_plugins.layers import Normalize
 from zsq_plugins.synthesis import (
     GENERATORS,
     SynthesisConfig,
@@ -25,7 +26,6 @@ from zsq_plugins.synthesis import (
 )
 from zsq_plugins.synthesis import engine as engine_module
 from zsq_plugins.synthesis.diagnostics import bn_statistics_loss
-from zsq_plugins.zoo._layers import Normalize
 
 FAST = {"iterations": 12, "batch_size": 6}
 PRESETS = ["noise", "zeroq", "dsg", "genie", "weight-stats"]

@@ -7,6 +7,7 @@ from torch import nn
 from tests.conftest import SHAPE, calibration_error, trained_no_bn_model
 from zsq_plugins import synthesize
 from zsq_plugins.errors import UnsupportedModelError
+from zsq_plugins.layers import Normalize
 from zsq_plugins.quant.fold import fold_batchnorm
 from zsq_plugins.synthesis.weight_stats import (
     clamped_gaussian,
@@ -14,7 +15,6 @@ from zsq_plugins.synthesis.weight_stats import (
     propagate,
     weight_statistics_targets,
 )
-from zsq_plugins.zoo._layers import Normalize
 
 
 @pytest.mark.parametrize(("low", "high"), [(0.0, math.inf), (0.0, 6.0), (-1.0, 1.0)])

@@ -14,6 +14,8 @@ from zsq_plugins.errors import (
     ZSQError,
 )
 from zsq_plugins.evaluation import EvalResult, evaluate
+from zsq_plugins.input_spec import InputSpec
+from zsq_plugins.layers import Normalize
 from zsq_plugins.reconstruction import reconstruct
 from zsq_plugins.saving import export_onnx, load_quantized, save_quantized
 from zsq_plugins.spec import Granularity, QuantSpec, Symmetry
@@ -29,7 +31,9 @@ __all__ = [
     "DuplicatePluginError",
     "EvalResult",
     "Granularity",
+    "InputSpec",
     "MissingDependencyError",
+    "Normalize",
     "QuantSpec",
     "Symmetry",
     "SyntheticDataset",

@@ -54,12 +54,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from zsq_plugins.model_source import load_model
-    from zsq_plugins.quantize_command import parse_shape
+    from zsq_plugins.quantize_command import input_spec_from
     from zsq_plugins.synthesis import synthesize
 
     overrides = parse_key_values(args.set, "--set")  # malformed options fail before any work
     if args.input_shape is not None:
-        overrides["input_shape"] = parse_shape(args.input_shape)
+        overrides["input_spec"] = input_spec_from(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     data = synthesize(
@@ -205,6 +205,13 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--input-shape", default=None, metavar="C,H,W", help="your model's input (zoo: known)"
+    )
+    parser.add_argument(
+        "--mean", default=None, metavar="M1,M2,M3", help="normalization outside your model"
+    )
+    parser.add_argument("--std", default=None, metavar="S1,S2,S3", help="(with --mean)")
+    parser.add_argument(
+        "--pixel-range", default=None, metavar="LOW,HIGH", help="valid pixels, e.g. 0,1"
     )
 
 

@@ -348,7 +348,7 @@ def calibration_images(
         config.seed,
         config.synthesis,
     )
-    synthesis = {**config.synthesis, **({"input_shape": user.input_shape} if user else {})}
+    synthesis = {**config.synthesis, **({"input_spec": user.input_spec} if user else {})}
     if plays_toolkit(source, config):
         if cell is None:
             raise ValueError(f"{source!r} data are made per toolkit and spec: pass the cell")
@@ -570,7 +570,9 @@ def run_grid(
             test_for = cell.model
         result = run_cell(cell, config, images, test, progress, fp32)
         results.record(cell, result)
-        log.info("%s: top-1 %s, agreement %.2f", cell.key, result["top1"], result["agreement"])
+        log.info(
+            "%s: top-1 %s, agreement %s", cell.key, result.get("top1"), result.get("agreement")
+        )
     rows = results.collected()
     folder = Path(out)
     # Several processes may fill one folder (run_grid's ``only``), and a later one may run

@@ -14,6 +14,15 @@ from torch import nn
 
 from zsq_plugins.configio import parse_key_values
 from zsq_plugins.errors import ZSQError
+from zsq_plugins.input_spec import InputSpec
+
+CONTRACT_FLAGS = {
+    "--input-shape": "input_shape",
+    "--mean": "mean",
+    "--std": "std",
+    "--pixel-range": "pixel_range",
+}
+"""The command line's input contract of a user model: flag -> argparse attribute."""
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -27,10 +36,47 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def parse_floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    """``"0.485,0.456,0.406"`` -> a tuple of floats (None stays None)."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ZSQError(f"{flag} takes numbers separated by commas, got {text!r}") from None
+
+
+def _pixel_range(text: str | None) -> dict[str, float]:
+    values = parse_floats(text, "--pixel-range")
+    if values is None:
+        return {}
+    if len(values) != 2:
+        raise ZSQError(f"--pixel-range takes LOW,HIGH, got {text!r}")
+    return {"low": values[0], "high": values[1]}
+
+
+def input_spec_from(args: argparse.Namespace) -> InputSpec:
+    """The InputSpec of ``--input-shape``, ``--mean``/``--std`` and ``--pixel-range``."""
+    try:
+        return InputSpec(
+            shape=parse_shape(args.input_shape), mean=parse_floats(args.mean, "--mean"),
+            std=parse_floats(args.std, "--std"), **_pixel_range(args.pixel_range),
+        )  # fmt: skip
+    except ValueError as error:
+        raise ZSQError(str(error)) from None
+
+
 def _zoo_data(args: argparse.Namespace, out: Path) -> tuple[nn.Module, torch.Tensor, Any]:
     """A zoo model, its calibration images (cached like ``zsq compare``'s) and test set."""
     from zsq_plugins.compare import GridConfig, calibration_images, evaluation_data
     from zsq_plugins.model_source import load_model
+
+    given = [flag for flag, value in CONTRACT_FLAGS.items() if getattr(args, value) is not None]
+    if given or args.eval_dir is not None:
+        raise ZSQError(
+            f"{args.model} is a zoo model, which declares its input and evaluation data; "
+            f"{', '.join(given) or '--eval-dir'} are for a model of your own"
+        )
 
     config = GridConfig(
         models=(args.model,),
@@ -60,17 +106,19 @@ def _own_data(args: argparse.Namespace, out: Path) -> tuple[nn.Module, torch.Ten
             "--data real needs the model's training images, which only the zoo's models have "
             "here; use a generator preset (genie, zeroq, dsg, noise, ...)"
         )
+    spec = input_spec_from(args)
     try:
         user = UserModel(
-            source=args.model, weights=args.weights, input_shape=parse_shape(args.input_shape),
-            eval_dir=args.eval_dir, eval_preset=args.data, eval_samples=args.eval_samples,
+            source=args.model, weights=args.weights, input_shape=spec.shape, mean=spec.mean,
+            std=spec.std, low=spec.low, high=spec.high, eval_dir=args.eval_dir,
+            eval_preset=args.data, eval_samples=args.eval_samples,
         )  # fmt: skip
     except ValueError as error:
         raise ZSQError(str(error)) from None
     model = user.load()
     images = synthesize(
         model, args.num_samples, args.data, args.seed, budget=args.budget,
-        input_shape=user.input_shape, cache_dir=out / "data" / args.data,
+        input_spec=user.input_spec, cache_dir=out / "data" / args.data,
         progress=not args.no_progress,
     ).images  # fmt: skip
     test = user.evaluation_data(

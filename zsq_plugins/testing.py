@@ -32,6 +32,7 @@ from torch import nn
 
 from zsq_plugins.adapter import Adapter, QuantizedModel, QuantizerHandle, QuantizerKind
 from zsq_plugins.capture import float_weight, plain_tensor
+from zsq_plugins.layers import Normalize
 from zsq_plugins.quant.adaptive_bn import adapt_batchnorm, layer_moments
 from zsq_plugins.quant.clipping import clip_activations
 from zsq_plugins.quant.fakequant import fake_quantize
@@ -41,7 +42,6 @@ from zsq_plugins.reconstruction.config import ReconstructionConfig
 from zsq_plugins.reconstruction.rounding import LSQActivation
 from zsq_plugins.reconstruction.routine import reconstruct
 from zsq_plugins.spec import QuantSpec
-from zsq_plugins.zoo._layers import Normalize
 
 
 class CheckSkipped(Exception):

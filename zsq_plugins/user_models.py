@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from zsq_plugins.configio import to_json_dict
+from zsq_plugins.input_spec import InputSpec
 
 IMAGE_MODES = {1: "L", 3: "RGB"}
 """PIL's mode for the images of an evaluation folder, by the model's input channels."""
@@ -30,6 +31,12 @@ class UserModel:
     """Its state dict: safetensors, or a PyTorch checkpoint read without unpickling."""
     input_shape: tuple[int, ...]
     """(C, H, W) of one input image."""
+    mean: tuple[float, ...] | None = None
+    """The normalization outside the model (``InputSpec.mean``), if it has one."""
+    std: tuple[float, ...] | None = None
+    low: float | None = None
+    """The valid pixel range (``InputSpec.low``/``high``): synthetic images stay inside."""
+    high: float | None = None
     eval_dir: str | None = None
     """Labelled evaluation images, one sub-folder per class (top-1 then means something)."""
     eval_preset: str = "genie"
@@ -40,10 +47,13 @@ class UserModel:
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
             raise ValueError(f"source must name a model factory, got {self.source!r}")
-        shape = tuple(self.input_shape)
-        if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
-            raise ValueError(f"input_shape must be (C, H, W), got {self.input_shape!r}")
+        spec = InputSpec(
+            shape=self.input_shape, mean=self.mean, std=self.std, low=self.low, high=self.high
+        )  # checks them all
+        shape = spec.shape
         object.__setattr__(self, "input_shape", shape)
+        for name in ("mean", "std", "low", "high"):  # as the spec holds them (per channel)
+            object.__setattr__(self, name, getattr(spec, name))
         if self.eval_dir is not None and shape[0] not in IMAGE_MODES:
             raise ValueError(f"an eval_dir holds images: 1 or 3 channels, not {shape[0]}")
         if isinstance(self.eval_samples, bool) or not (
@@ -61,6 +71,12 @@ class UserModel:
 
     def to_dict(self) -> dict[str, Any]:
         return to_json_dict(self)
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec(
+            shape=self.input_shape, mean=self.mean, std=self.std, low=self.low, high=self.high
+        )
 
     def load(self) -> nn.Module:
         from zsq_plugins.model_source import load_model
@@ -82,7 +98,8 @@ class UserModel:
             from zsq_plugins.datasets import ImageFolder
 
             mode = IMAGE_MODES[self.input_shape[0]]
-            images = ImageFolder(self.eval_dir, size=self.input_shape[-1], mode=mode)
+            folder = ImageFolder(self.eval_dir, size=self.input_shape[-1], mode=mode)
+            images = _AsModelInputs(folder, self.input_spec)
             if test_samples is not None and test_samples < len(images):
                 return torch.utils.data.Subset(images, range(test_samples))
             return images
@@ -92,5 +109,22 @@ class UserModel:
         name = f"held-out-{self.eval_preset}-{budget}-n{self.eval_samples}-seed{held_out}"
         return synthesize(
             model, self.eval_samples, self.eval_preset, held_out, budget=budget,
-            input_shape=self.input_shape, progress=progress, cache_dir=data_dir / name,
+            input_spec=self.input_spec, progress=progress, cache_dir=data_dir / name,
         ).images  # fmt: skip
+
+
+class _AsModelInputs(torch.utils.data.Dataset):
+    """An image folder's (image in [0, 1], label) pairs as the model receives them: scaled to
+    the spec's pixel range, then normalized as the spec says."""
+
+    def __init__(self, folder: Any, spec: InputSpec) -> None:
+        self.folder, self.spec = folder, spec
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.folder[index]
+        if self.spec.low is not None and self.spec.high is not None:
+            image = self.spec.low + (self.spec.high - self.spec.low) * image
+        return self.spec.normalize(image.unsqueeze(0))[0], label

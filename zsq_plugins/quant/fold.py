@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from zsq_plugins.errors import UnsupportedModelError
-from zsq_plugins.zoo._layers import Normalize
+from zsq_plugins.layers import Normalize
 
 
 class ZSQTracer(torch.fx.Tracer):

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from zsq_plugins.configio import Budget
 from zsq_plugins.errors import UnsupportedModelError
+from zsq_plugins.input_spec import InputSpec
 from zsq_plugins.synthesis.artifact import FORMAT, ShardStore, SyntheticDataset
 from zsq_plugins.synthesis.config import Parameterization
 from zsq_plugins.synthesis.distributed import barrier, join_from_environment, rank_device
@@ -75,6 +76,7 @@ def synthesize(
     *,
     budget: Budget | str = Budget.CPU,
     input_shape: Sequence[int] | None = None,
+    input_spec: InputSpec | None = None,
     input_mean: Sequence[float] | None = None,
     input_std: Sequence[float] | None = None,
     device: torch.device | str | None = None,
@@ -90,7 +92,11 @@ def synthesize(
     a plugin); ``budget`` picks its ``paper`` or ``cpu`` iteration budget; ``overrides`` set
     any SynthesisConfig field (``iterations=50``, ``batch_size=64``...). Images are in the
     model's input space (``[0, 1]`` for the zoo's models). ``input_shape`` (C, H, W) is read
-    from ``model.input_shape`` when the model declares it.
+    from ``model.input_shape`` when the model declares it. ``input_spec`` (an ``InputSpec``)
+    says what a model that does not declare it expects: its input shape, a normalization
+    outside it (the images are then returned normalized) and the valid pixel range, which the
+    presets that clamp keep every pixel inside. A model with no known bounds gets unbounded
+    images, with a warning in the log saying how to give them.
 
     With ``cache_dir``, each finished batch is written there at once as a safetensors shard
     plus manifest; a run interrupted and started again reuses the finished batches, and a
@@ -123,6 +129,15 @@ def synthesize(
             f"data={preset!r}), which plays the toolkit's quantized model, or pass "
             "opponent=<a quantized model>"
         )
+    if input_spec is not None:
+        if input_mean is not None or input_std is not None:
+            raise ValueError("give input_spec or input_mean/input_std, not both")
+        if input_shape is not None and tuple(input_shape) != input_spec.shape:
+            raise ValueError(
+                f"input_shape {tuple(input_shape)} differs from input_spec.shape "
+                f"{input_spec.shape}; give one of them"
+            )
+        input_shape = input_spec.shape
     shape = tuple(input_shape) if input_shape is not None else infer_input_shape(model)
     if shape is None:
         raise ValueError(
@@ -140,7 +155,15 @@ def synthesize(
         )
     if device != _resolve_device(model, None):
         model = copy.deepcopy(model).to(device)
-    domain = input_domain(model, shape[0], input_mean, input_std)
+    domain = input_domain(model, shape[0], input_mean, input_std, input_spec)
+    if domain.low is None and config.clamp_to_input_range:
+        log.warning(
+            "%s: the valid range of the model's inputs is unknown, so %r images are unbounded "
+            "(outliers stretch min-max ranges). Give input_spec=InputSpec(shape, mean, std, "
+            "low, high) (zsq: --pixel-range LOW,HIGH).",
+            type(model).__name__,
+            preset,
+        )
     with frozen(model):  # eval mode for the check, the caller's mode restored afterwards
         num_classes = check_input_shape(model, shape, device)
     sizes = batch_sizes(num_samples, config.batch_size)
@@ -154,11 +177,11 @@ def synthesize(
         "num_samples": num_samples,
         "batch_sizes": sizes,
         "input_shape": list(shape),
-        "input_domain": {
+        "input_domain": {  # as JSON holds it (tuples as lists), so that a stored one compares
             "mean": list(domain.mean),
             "std": list(domain.std),
-            "low": domain.low,
-            "high": domain.high,
+            "low": list(domain.low) if isinstance(domain.low, tuple) else domain.low,
+            "high": list(domain.high) if isinstance(domain.high, tuple) else domain.high,
         },
         "dtype": str(dtype),
     }

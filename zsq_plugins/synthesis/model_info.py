@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from zsq_plugins.errors import UnsupportedModelError
-from zsq_plugins.zoo._layers import Normalize
+from zsq_plugins.input_spec import InputSpec
+from zsq_plugins.layers import Normalize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,8 +25,9 @@ class InputDomain:
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    low: float | None = None
-    high: float | None = None
+    low: float | tuple[float, ...] | None = None
+    """The lowest valid input, for all channels or per channel (None: unbounded)."""
+    high: float | tuple[float, ...] | None = None
 
     def to_input(self, z: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (z.dim() - 2)
@@ -37,9 +40,11 @@ class InputDomain:
         if self.low is None or self.high is None:
             return z
         shape = (1, -1) + (1,) * (z.dim() - 2)
-        mean = torch.tensor(self.mean, dtype=z.dtype, device=z.device).view(shape)
-        std = torch.tensor(self.std, dtype=z.dtype, device=z.device).view(shape)
-        return torch.maximum(torch.minimum(z, (self.high - mean) / std), (self.low - mean) / std)
+        mean, std, low, high = (
+            torch.tensor(v, dtype=z.dtype, device=z.device).view(shape)
+            for v in (self.mean, self.std, self.low, self.high)
+        )
+        return torch.maximum(torch.minimum(z, (high - mean) / std), (low - mean) / std)
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
@@ -58,11 +63,15 @@ def input_domain(
     channels: int,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    spec: InputSpec | None = None,
 ) -> InputDomain:
-    """The input domain: explicit ``mean``/``std``, else the model's own ``Normalize`` module
-    (zoo models: inputs in [0, 1]), else inputs already normalized (mean 0, std 1)."""
+    """The input domain: an ``InputSpec``'s, explicit ``mean``/``std``, else the model's own
+    ``Normalize`` module (zoo models: inputs in [0, 1]), else inputs already normalized (mean
+    0, std 1)."""
     if (mean is None) != (std is None):
         raise ValueError("give both input_mean and input_std, or neither")
+    if spec is not None:
+        return _spec_domain(model, spec)
     if mean is not None and std is not None:
         return InputDomain(_per_channel(mean, channels), _per_channel(std, channels))
     for module in model.modules():
@@ -74,6 +83,26 @@ def input_domain(
                 high=1.0,
             )
     return InputDomain((0.0,) * channels, (1.0,) * channels)
+
+
+def _spec_domain(model: nn.Module, spec: InputSpec) -> InputDomain:
+    """Normalized outside the model: the model's input is the normalized image itself, and
+    the pixel range maps to a range per channel. Otherwise the model takes pixels, normalized
+    inside by its ``Normalize`` module if it has one."""
+    channels = spec.shape[0]
+    if spec.mean is not None and spec.std is not None:
+        bounds: dict[str, Any] = {}
+        if spec.low is not None and spec.high is not None:
+            pairs = list(zip(spec.mean, spec.std, strict=True))
+            bounds = {
+                "low": tuple((spec.low - mean) / std for mean, std in pairs),
+                "high": tuple((spec.high - mean) / std for mean, std in pairs),
+            }
+        return InputDomain((0.0,) * channels, (1.0,) * channels, **bounds)
+    inside = input_domain(model, channels)
+    if not spec.bounded:
+        return inside
+    return InputDomain(inside.mean, inside.std, low=spec.low, high=spec.high)
 
 
 def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:

@@ -36,9 +36,9 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from zsq_plugins.errors import UnsupportedModelError
+from zsq_plugins.layers import Normalize
 from zsq_plugins.quant.fold import fold_batchnorm, trace
 from zsq_plugins.synthesis.hooks import StatisticsTarget
-from zsq_plugins.zoo._layers import Normalize
 
 Moments = tuple[torch.Tensor, torch.Tensor]  # (mean, variance) per channel or feature
 
