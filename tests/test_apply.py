@@ -174,3 +174,32 @@ def test_apply_with_adaptive_bn_moves_layer_statistics_toward_fp32():
     ]
     assert json.loads(json.dumps(report.to_dict()))["adaptive_bn"][0]["scaled"] is True
     assert errors[True] < 0.5 * errors[False]
+
+
+class _Counted(torch.utils.data.Dataset):
+    """Images, counting which were read."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images, self.read = images, set()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        self.read.add(index)
+        return self.images[index]
+
+
+def test_own_data_is_cut_at_num_samples():
+    images = torch.rand(100, 1, 8, 8)
+    _, report = apply(_model(), "fx", data=images, num_samples=20, progress=False)
+    assert report.num_samples == 20
+    dataset = _Counted(images)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16)
+    _, report = apply(_model(), "fx", data=loader, num_samples=40, aac=True, progress=False)
+    assert report.num_samples == 40
+    assert max(dataset.read) < 48  # three batches of 16 read, the third cut to 8 images
+    dataset = _Counted(images)
+    _, report = apply(_model(), "nncf" if "nncf" in installed_adapters() else "fx",
+                      data=dataset, num_samples=24, progress=False)  # fmt: skip
+    assert report.num_samples == 24 and max(dataset.read) < 24

@@ -109,6 +109,31 @@ class _ProgressBatches:
             yield batch
 
 
+class _FirstImages:
+    """The batches of a user's DataLoader up to ``limit`` images (the last batch cut short), as
+    many times as a toolkit iterates it; nothing beyond the batch in hand is held."""
+
+    def __init__(self, loader: DataLoader, limit: int) -> None:
+        self.loader, self.limit = loader, limit
+        batches, size = len(loader), loader.batch_size or 1
+        self.batches = min(batches, -(-limit // size))
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[Any]:
+        left = self.limit
+        for batch in self.loader:
+            images = batch[0] if isinstance(batch, tuple | list) else batch
+            if len(images) > left:
+                images = images[:left]
+                batch = (images, *batch[1:]) if isinstance(batch, tuple | list) else images
+            left -= len(images)
+            yield batch
+            if left <= 0:
+                return
+
+
 def _calibration_batches(
     model: nn.Module,
     data: str | Dataset | DataLoader | torch.Tensor,
@@ -117,9 +142,12 @@ def _calibration_batches(
     synthesis: dict[str, Any],
     toolkit: str,
     spec: QuantSpec,
-) -> tuple[DataLoader, str, int]:
+) -> tuple[Any, str, int]:
+    if not isinstance(data, str) and synthesis:
+        raise TypeError(f"options {sorted(synthesis)} apply only when data is a preset name")
     if isinstance(data, DataLoader):
-        return data, "DataLoader", len(data.dataset)  # type: ignore[arg-type]
+        size = len(data.dataset)  # type: ignore[arg-type]
+        return _FirstImages(data, num_samples), "DataLoader", min(size, num_samples)
     if isinstance(data, str):
         budget = synthesis.get("budget", Budget.CPU)
         if get_preset(data).config(budget).needs_opponent:  # ZAQ: plays this toolkit's model
@@ -129,10 +157,13 @@ def _calibration_batches(
         else:
             dataset = synthesize(model, num_samples, data, seed, **synthesis)
         return calibration_loader(dataset, batch_size=DEFAULT_CALIBRATION_BATCH), data, len(dataset)
-    if synthesis:
-        raise TypeError(f"options {sorted(synthesis)} apply only when data is a preset name")
+    source = type(data).__name__
+    if isinstance(data, torch.Tensor):
+        data = data[:num_samples]
+    elif len(data) > num_samples:  # type: ignore[arg-type]
+        data = torch.utils.data.Subset(data, range(num_samples))
     loader = calibration_loader(data, batch_size=DEFAULT_CALIBRATION_BATCH)
-    return loader, type(data).__name__, len(loader.dataset)  # type: ignore[arg-type]
+    return loader, source, len(loader.dataset)  # type: ignore[arg-type]
 
 
 def apply(
@@ -156,7 +187,9 @@ def apply(
 ) -> tuple[nn.Module, ApplyReport]:
     """Quantizes ``model`` with ``toolkit`` (``fx``, ``pt2e``, ``nncf``, ``brevitas`` or a
     plugin's), calibrated on ``data``: a generator preset name (synthesized for the model:
-    zero-shot), or your own Dataset, DataLoader or tensor of images.
+    zero-shot), or your own Dataset, DataLoader or tensor of images, of which the first
+    ``num_samples`` are used (a DataLoader is read batch by batch up to that many; the steps
+    after calibration hold those images, never more).
 
     ``reconstruct`` names a reconstruction preset (``adaround``, ``brecq``, ``qdrop``,
     ``genie-m``) run on the toolkit's own model after calibration, with the same images and
