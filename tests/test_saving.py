@@ -65,6 +65,17 @@ with torch.no_grad():
 """
 
 
+def reloaded_outputs(folder, x: torch.Tensor, scratch) -> torch.Tensor:
+    """The outputs on ``x`` of the model saved in ``folder``, loaded in a fresh process."""
+    save_file({"x": x}, str(scratch / "x.safetensors"))
+    subprocess.run(
+        [sys.executable, "-c", RELOAD, str(folder), str(scratch / "x.safetensors"),
+         str(scratch / "y.safetensors")],
+        check=True, timeout=300,
+    )  # fmt: skip
+    return load_file(str(scratch / "y.safetensors"))["y"]
+
+
 @pytest.fixture
 def user_source(tmp_path):
     path = tmp_path / "elsewhere" / "my_model.py"
@@ -86,15 +97,9 @@ def test_a_saved_model_reloads_in_a_fresh_process_with_identical_outputs(
         model, report, tmp_path / "saved", fp_model=fp_model, source=user_source, onnx=True
     )
     x = torch.rand(16, 1, 7, 7, generator=torch.Generator().manual_seed(1))
-    save_file({"x": x}, str(tmp_path / "x.safetensors"))
-    subprocess.run(
-        [sys.executable, "-c", RELOAD, str(folder), str(tmp_path / "x.safetensors"),
-         str(tmp_path / "y.safetensors")],
-        check=True, timeout=300,
-    )  # fmt: skip
     with torch.no_grad():
         expected = model(x)
-    torch.testing.assert_close(load_file(str(tmp_path / "y.safetensors"))["y"], expected)
+    torch.testing.assert_close(reloaded_outputs(folder, x, tmp_path), expected)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["toolkit"] == toolkit and manifest["spec"]["weight_bits"] == 4
     onnxruntime = pytest.importorskip("onnxruntime")
@@ -212,13 +217,7 @@ def test_the_command_line_saves_a_user_model_that_reloads_elsewhere(toolkit, use
     argv += ["--out", str(tmp_path / "out"), "--save", str(saved), "--onnx", str(onnx)]
     assert main([*argv, "--no-progress"]) == 0
     x = torch.rand(8, 1, 7, 7, generator=torch.Generator().manual_seed(2))
-    save_file({"x": x}, str(tmp_path / "x.safetensors"))
-    subprocess.run(
-        [sys.executable, "-c", RELOAD, str(saved), str(tmp_path / "x.safetensors"),
-         str(tmp_path / "y.safetensors")],
-        check=True, timeout=300,
-    )  # fmt: skip
-    reloaded = load_file(str(tmp_path / "y.safetensors"))["y"]
+    reloaded = reloaded_outputs(saved, x, tmp_path)
     onnxruntime = pytest.importorskip("onnxruntime")
     session = onnxruntime.InferenceSession(str(onnx))
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
