@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -23,7 +22,7 @@ from zsq_plugins.adapter import (
     installed_adapters,
     quantize_with_options,
 )
-from zsq_plugins.configio import Budget
+from zsq_plugins.configio import Budget, is_jsonable
 from zsq_plugins.errors import UnknownPluginError
 from zsq_plugins.quant.adaptive_bn import BNCorrection, adapt_batchnorm
 from zsq_plugins.quant.clipping import ClipResult, clip_activations
@@ -64,7 +63,9 @@ class ApplyReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "toolkit": self.toolkit,
-            "toolkit_options": {k: _jsonable(v) for k, v in self.toolkit_options.items()},
+            "toolkit_options": {  # toolkit objects as their repr
+                k: v if is_jsonable(v) else repr(v) for k, v in self.toolkit_options.items()
+            },
             "input_shape": list(self.input_shape),
             "spec": self.spec.to_dict(),
             "data": self.data,
@@ -79,15 +80,6 @@ class ApplyReport:
                 [dataclasses.asdict(c) for c in self.adaptive_bn] if self.adaptive_bn else None
             ),
         }
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` if JSON holds it as it is, else its repr (toolkit objects in a report)."""
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
-    return value
 
 
 class _ProgressBatches:

@@ -26,7 +26,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from zsq_plugins.configio import Budget, to_json_dict
+from zsq_plugins.configio import Budget, check_fields, to_json_dict
 from zsq_plugins.errors import CacheMismatchError, ZSQError
 from zsq_plugins.reconstruction.presets import RECONSTRUCTIONS
 from zsq_plugins.reconstruction.routine import ROUTINE_REVISION
@@ -160,10 +160,7 @@ class GridConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GridConfig:
-        names = [field.name for field in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(f"unknown grid option(s) {unknown}; valid options: {', '.join(names)}")
+        check_fields(cls, data, "grid option")
         return cls(**data)
 
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -24,13 +24,30 @@ def to_json_dict(config: Any) -> dict[str, Any]:
     return data
 
 
+def check_fields(config: Any, data: Mapping[str, Any], what: str) -> None:
+    """Raises ValueError naming the keys of ``data`` that are no field of the dataclass
+    ``config`` (a class or an instance), and listing the valid ones: ``what`` names a key
+    ("grid option" -> "unknown grid option(s) [...]; valid options: ...")."""
+    names = [field.name for field in dataclasses.fields(config)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        noun = what.split()[-1]
+        raise ValueError(f"unknown {what}(s) {unknown}; valid {noun}s: {', '.join(names)}")
+
+
 def checked_replace(config: T, what: str, **overrides: Any) -> T:
     """``dataclasses.replace`` that names unknown fields and lists the valid ones."""
-    names = [field.name for field in dataclasses.fields(config)]
-    unknown = sorted(set(overrides) - set(names))
-    if unknown:
-        raise ValueError(f"unknown {what} option(s) {unknown}; valid options: {', '.join(names)}")
+    check_fields(config, overrides, f"{what} option")
     return dataclasses.replace(config, **overrides)
+
+
+def is_jsonable(value: Any) -> bool:
+    """Whether JSON holds ``value`` as it is (toolkit objects, say, it does not)."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def parse_key_values(pairs: Sequence[str], flag: str) -> dict[str, Any]:

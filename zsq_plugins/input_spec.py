@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from zsq_plugins.configio import to_json_dict
+from zsq_plugins.configio import check_fields, to_json_dict
 
 
 def _floats(values: Sequence[float] | None, name: str) -> tuple[float, ...] | None:
@@ -85,10 +85,6 @@ class InputSpec:
             object.__setattr__(self, "high", high)
 
     @property
-    def normalized_outside(self) -> bool:
-        return self.mean is not None
-
-    @property
     def bounded(self) -> bool:
         return self.low is not None
 
@@ -115,8 +111,5 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InputSpec:
-        known = [field.name for field in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(f"unknown InputSpec field(s) {unknown}; fields: {', '.join(known)}")
+        check_fields(cls, data, "InputSpec field")
         return cls(**data)

@@ -43,6 +43,7 @@ from zsq_plugins.adapter import (
     get_adapter,
     quantize_with_options,
 )
+from zsq_plugins.configio import is_jsonable
 from zsq_plugins.errors import CacheMismatchError, ChecksumMismatchError, ZSQError
 from zsq_plugins.reporting import library_versions, write_json
 from zsq_plugins.spec import QuantSpec
@@ -87,7 +88,7 @@ def save_quantized(
     if model is not quantized.model:
         raise ZSQError("model is not the toolkit model of this report; pass apply's own pair")
     options = dict(report.toolkit_options)
-    unsaved = [name for name, value in options.items() if not _is_json(value)]
+    unsaved = [name for name, value in options.items() if not is_jsonable(value)]
     if unsaved:
         raise ZSQError(
             f"toolkit option(s) {unsaved} hold toolkit objects, which a manifest cannot record; "
@@ -221,11 +222,3 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return get_adapter(quantized.toolkit).export_onnx(quantized, path, example_input)
-
-
-def _is_json(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True

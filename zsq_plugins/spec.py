@@ -7,7 +7,7 @@ import json
 from enum import Enum
 from typing import Any
 
-from zsq_plugins.configio import to_json_dict
+from zsq_plugins.configio import check_fields, to_json_dict
 from zsq_plugins.errors import ZSQError
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -114,10 +114,7 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown QuantSpec field(s) {unknown}; valid fields: {sorted(known)}")
+        check_fields(cls, data, "QuantSpec field")
         values = dict(data)
         if "keep_8bit" in values and not isinstance(values["keep_8bit"], str):
             values["keep_8bit"] = tuple(values["keep_8bit"])

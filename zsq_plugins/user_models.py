@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zsq_plugins.configio import to_json_dict
+from zsq_plugins.configio import check_fields, to_json_dict
 from zsq_plugins.input_spec import InputSpec
 
 IMAGE_MODES = {1: "L", 3: "RGB"}
@@ -63,10 +63,7 @@ class UserModel:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UserModel:
-        known = [field.name for field in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(f"unknown user model field(s) {unknown}; fields: {', '.join(known)}")
+        check_fields(cls, data, "user model field")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
