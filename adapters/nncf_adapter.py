@@ -456,12 +456,8 @@ class NNCFAdapter:
             if not handle.enabled:
                 storage.set_submodule(hook, nn.Identity())
             elif handle.bits < 8 and hook in weight_layers:
-                layer = exported.get_submodule(weight_layers[hook])
-                baked = bake_weight(
-                    layer.weight, module, handle.scale(), handle.zero_point(), handle.quant_min,
-                    handle.axis,
-                )  # fmt: skip
-                storage.set_submodule(hook, baked)
+                weight = exported.get_submodule(weight_layers[hook]).weight
+                storage.set_submodule(hook, bake_weight(weight, handle))
             elif handle.bits < 8:
                 fake_quant = ContainerFakeQuantize(
                     handle.scale(), handle.zero_point(), handle.quant_min, handle.quant_max,

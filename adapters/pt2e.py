@@ -344,10 +344,7 @@ class PT2EAdapter:
             replacement: nn.Module = nn.Identity()
             if handle.enabled and _weight_layer(node.args[0]) is not None:
                 weight = exported.get_parameter(str(node.args[0].target))
-                replacement = bake_weight(
-                    weight, handle.module, handle.scale(), handle.zero_point(),
-                    handle.quant_min, handle.axis,
-                )  # fmt: skip
+                replacement = bake_weight(weight, handle)
             elif handle.enabled:
                 replacement = ContainerFakeQuantize(
                     handle.scale(), handle.zero_point(), handle.quant_min, handle.quant_max,

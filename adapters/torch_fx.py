@@ -30,7 +30,7 @@ from torch import nn
 
 from zsq_plugins.adapter import HandleBase, QuantizedModel, QuantizerKind
 from zsq_plugins.layers import Normalize
-from zsq_plugins.quant.export import ContainerFakeQuantize, bake_weight
+from zsq_plugins.quant.export import ContainerFakeQuantize, bake_weight, write_on_grid
 from zsq_plugins.quant.fakequant import integer_range
 from zsq_plugins.quant.fold import float_graph
 from zsq_plugins.quant.reference import eight_bit_layers, layer_bits, quantizable_layers
@@ -335,9 +335,7 @@ class TorchFXAdapter:
         # already on their grid come back as exactly their integers.
         for handle in collect_handles(prepared):
             if handle.kind is QuantizerKind.WEIGHT and handle.enabled:
-                weight = prepared.get_submodule(handle.layer).weight
-                with torch.no_grad():
-                    weight.copy_(handle.module(weight))
+                write_on_grid(prepared.get_submodule(handle.layer).weight, handle)
         with warnings.catch_warnings():
             # torch 2.13 deprecates torch.ao and its quantized tensors; converting is the point.
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -355,11 +353,7 @@ class TorchFXAdapter:
             if not handle.enabled:
                 replacement: nn.Module = nn.Identity()
             elif handle.kind is QuantizerKind.WEIGHT:
-                layer = exported.get_submodule(handle.layer)
-                replacement = bake_weight(
-                    layer.weight, handle.module, handle.scale(), handle.zero_point(),
-                    handle.quant_min, handle.axis,
-                )  # fmt: skip
+                replacement = bake_weight(exported.get_submodule(handle.layer).weight, handle)
             else:
                 replacement = ContainerFakeQuantize(
                     handle.scale(),

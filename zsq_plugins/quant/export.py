@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zsq_plugins.adapter import QuantizerHandle
+
 
 class ContainerFakeQuantize(nn.Module):
     """Fake quantization to [qmin, qmax] expressed through an 8-bit container."""
@@ -60,17 +62,16 @@ class ContainerFakeQuantize(nn.Module):
         return torch.minimum(torch.maximum(y, self.low.view(shape)), self.high.view(shape))
 
 
-def bake_weight(
-    weight: torch.Tensor,
-    fake_quant: nn.Module,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    quant_min: int,
-    axis: int | None,
-) -> ContainerFakeQuantize:
-    """Writes ``fake_quant(weight)`` into ``weight`` (in place) and returns the full-container
-    quantizer with the same ``scale`` and ``zero_point``, which gives back its integers."""
+def write_on_grid(weight: torch.Tensor, handle: QuantizerHandle) -> None:
+    """Replaces ``weight`` (in place) by what the handle's quantizer makes of it."""
     with torch.no_grad():
-        weight.copy_(fake_quant(weight))
-    container = (-128, 127) if quant_min < 0 else (0, 255)
-    return ContainerFakeQuantize(scale, zero_point, *container, axis)
+        weight.copy_(handle.module(weight))
+
+
+def bake_weight(weight: torch.Tensor, handle: QuantizerHandle) -> ContainerFakeQuantize:
+    """Writes the weight on the handle's grid (``write_on_grid``) and returns the
+    full-container quantizer with the handle's scale and zero point, which gives back its
+    integers."""
+    write_on_grid(weight, handle)
+    container = (-128, 127) if handle.quant_min < 0 else (0, 255)
+    return ContainerFakeQuantize(handle.scale(), handle.zero_point(), *container, handle.axis)
