@@ -411,6 +411,7 @@ def run_cell(
     )
     started = time.perf_counter()
     result = evaluate(quantized, test, fp_model, progress=progress, description=cell.key)
+    published = None if config.user_model(cell.model) else zoo.card(cell.model).published_top1
     reconstruction = report.reconstruction
     return {
         **dataclasses.asdict(cell),
@@ -418,9 +419,7 @@ def run_cell(
         "agreement": result.agreement,
         "kl": result.kl,
         "num_test": result.num_samples,
-        "fp32_top1": fp32
-        if fp32 is not None or config.user_model(cell.model)
-        else (zoo.card(cell.model).published_top1),
+        "fp32_top1": fp32 if fp32 is not None else published,
         "timings_s": {**report.timings_s, "evaluate": round(time.perf_counter() - started, 3)},
         "reconstruction_fidelity": (
             max((b.fidelity for b in reconstruction.blocks), default=None)
@@ -535,6 +534,7 @@ def run_grid(
     # source stay in memory together (a few MiB each).
     images_for: dict[tuple[str, ...], torch.Tensor] = {}
     test_for: str | None = None
+    data_folder = Path(data_dir or results.folder / "data")
     bar = tqdm(todo, desc="cells", unit="cell", disable=not progress)
     for cell in bar:
         bar.set_postfix_str(cell.key, refresh=True)
@@ -545,25 +545,20 @@ def run_grid(
             if any(key[:2] != wanted[:2] for key in images_for):
                 images_for.clear()
             images_for[wanted] = calibration_images(
-                cell.model,
-                cell.data,
-                config,
-                Path(data_dir or results.folder / "data"),
-                progress,
-                cell,
+                cell.model, cell.data, config, data_folder, progress, cell
             )
         images = images_for[wanted]
         if test_for != cell.model:
+            fp_model = config.load_model(cell.model)
             user = config.user_model(cell.model)
             if user is None:
                 test = evaluation_data(cell.model, config.test_samples)
             else:
                 test = user.evaluation_data(
-                    config.load_model(cell.model), config.test_samples,
-                    Path(data_dir or results.folder / "data") / cell.model, config.seed,
+                    fp_model, config.test_samples, data_folder / cell.model, config.seed,
                     config.synthesis_budget, progress,
                 )  # fmt: skip
-            fp32 = fp32_top1(config.load_model(cell.model), test)
+            fp32 = fp32_top1(fp_model, test)
             test_for = cell.model
         result = run_cell(cell, config, images, test, progress, fp32)
         results.record(cell, result)
