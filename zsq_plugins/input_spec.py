@@ -92,19 +92,22 @@ class InputSpec:
         """Pixels (N, C, H, W) as the model receives them."""
         if self.mean is None or self.std is None:
             return pixels
-        mean, std = (
-            torch.tensor(v, dtype=pixels.dtype).view(1, -1, 1, 1) for v in (self.mean, self.std)
-        )
+        mean, std = self._per_channel(pixels)
         return (pixels - mean) / std
 
     def pixels(self, inputs: torch.Tensor) -> torch.Tensor:
         """The model's inputs (N, C, H, W) as pixels again."""
         if self.mean is None or self.std is None:
             return inputs
-        mean, std = (
-            torch.tensor(v, dtype=inputs.dtype).view(1, -1, 1, 1) for v in (self.mean, self.std)
-        )
+        mean, std = self._per_channel(inputs)
         return inputs * std + mean
+
+    def _per_channel(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std shaped (1, C, 1, 1), in ``like``'s dtype and device."""
+        return tuple(  # type: ignore[return-value]
+            torch.tensor(v, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+            for v in (self.mean, self.std)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return to_json_dict(self)
