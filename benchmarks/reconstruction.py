@@ -30,7 +30,7 @@ from setting import literature_spec
 from synthetic_cache import cached_synthesize
 
 from zsq_plugins import apply, evaluate, zoo
-from zsq_plugins.compare import reconstruction_config, spec_order
+from zsq_plugins.compare import reconstruction_config, same_reconstruction, spec_order
 from zsq_plugins.datasets import calibration_subset, fashion_mnist
 from zsq_plugins.reporting import (
     environment_footer,
@@ -153,7 +153,7 @@ def run_grid_cell(args, model, spec, toolkit, source, method) -> None:
     path = CELLS / f"{name}.json"
     if path.is_file():
         stored = json.loads(path.read_text()).get("reconstruction_config")
-        if stored == reconstruction_config(method, args.budget):
+        if same_reconstruction(stored, reconstruction_config(method, args.budget)):
             log.info("skip %s (done)", name)
             return
         log.info("%s was run with another reconstruction config: running it again", name)
@@ -196,8 +196,8 @@ def run_grid_cell(args, model, spec, toolkit, source, method) -> None:
 
 def is_current(cell: dict[str, Any]) -> bool:
     """Whether ``cell`` was run with its preset's configuration of today."""
-    return cell.get("reconstruction_config") == reconstruction_config(
-        cell["method"], cell["budget"]
+    return same_reconstruction(
+        cell.get("reconstruction_config"), reconstruction_config(cell["method"], cell["budget"])
     )
 
 

@@ -130,6 +130,23 @@ def test_block_runner_replays_only_when_it_matches_a_full_pass():
     runner.close()
 
 
+def test_auto_block_input_cache_goes_to_disk_above_its_limit(monkeypatch):
+    from zsq_plugins.reconstruction import block_inputs
+
+    mapped = []
+    original = block_inputs._mapped_tensor
+    monkeypatch.setattr(
+        block_inputs, "_mapped_tensor", lambda *args: mapped.append(args) or original(*args)
+    )
+    images = torch.randn(20, 1, 6, 6)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Conv2d(2, 3, 1))
+    block_inputs.BlockRunner(plain.eval(), "2", None, images, batch_size=8, cache="auto")
+    assert not mapped  # 20 x 2 x 4 x 4 floats: far below 1 GiB
+    monkeypatch.setattr(block_inputs, "AUTO_MEMORY_LIMIT", 20 * 2 * 4 * 4 * 4 - 1)
+    runner = block_inputs.BlockRunner(plain.eval(), "2", None, images, batch_size=8, cache="auto")
+    assert len(mapped) == 1 and mapped[0][0] == (20, 2, 4, 4) and runner.replays
+
+
 def _checkpointed(tmp_path, seed=0, config=None):
     model = tiny_model("relu6")
     quantized, data = quantize("fx", model, QuantSpec.parse("W4A4"))

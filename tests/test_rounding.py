@@ -80,6 +80,45 @@ def test_lsq_activation_matches_fake_quant_and_learns_its_step():
     assert lsq.scale.grad is not None and lsq.scale.grad.abs() > 0
 
 
+def _recorded_lsq(x, exact, keep, step, zero, qmin, qmax):
+    """LSQ with the toolkit's value and QDrop written as recorded elementwise operations, the
+    way the routine once did it: the reference for the one-pass gradient."""
+    factor = 1.0 / (x.numel() / x.shape[0] * qmax) ** 0.5
+    scale = step.detach() + (step * factor - (step * factor).detach())
+    levels = torch.clamp(
+        x / scale + (torch.round(x / scale) - x / scale).detach() + zero, qmin, qmax
+    )
+    quantized = (levels - zero) * scale
+    value = quantized + (exact - quantized).detach()
+    return value if keep is None else torch.where(keep, x, value)
+
+
+@pytest.mark.parametrize("qdrop", [False, True])
+@pytest.mark.parametrize(("qmin", "qmax", "zero"), [(0, 15, 3.0), (-128, 127, 0.0)])
+def test_lsq_gradients_match_the_recorded_operations(qdrop, qmin, qmax, zero):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 6, 6, generator=generator) * 2  # beyond the range: clamps too
+    keep = torch.rand(x.shape, generator=generator) < 0.5 if qdrop else None
+    step = torch.tensor([0.11])
+    exact = fake_quantize(x, step, torch.tensor([zero]), qmin, qmax)
+    upstream = torch.randn(x.shape, generator=generator)
+    grads = []
+    for fused in (True, False):
+        xi = x.clone().requires_grad_(True)
+        lsq = LSQActivation(step, torch.tensor([zero]), qmin, qmax)
+        if fused:
+            out = lsq(xi, exact, keep)
+        else:
+            out = _recorded_lsq(xi, exact, keep, lsq.scale, lsq.zero_point, qmin, qmax)
+        (out * upstream).sum().backward()
+        grads.append((out.detach(), xi.grad, lsq.scale.grad))
+    (value, grad_x, grad_step), (value_ref, grad_x_ref, grad_step_ref) = grads
+    assert torch.equal(value, value_ref)
+    torch.testing.assert_close(grad_x, grad_x_ref)
+    torch.testing.assert_close(grad_step, grad_step_ref, rtol=1e-4, atol=1e-6)
+    assert grad_step.abs() > 0
+
+
 def test_lsq_forward_uses_its_step_exactly():
     # LSQ's gradient scaling must not perturb the forward step by even one ulp: the written-back
     # step must reproduce the routine's output bit for bit in the toolkit (fidelity 0), and an

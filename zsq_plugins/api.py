@@ -22,8 +22,10 @@ from zsq_plugins.adapter import (
     installed_adapters,
     quantize_with_options,
 )
+from zsq_plugins.budgets import auto_images
 from zsq_plugins.configio import Budget, is_jsonable
 from zsq_plugins.errors import UnknownPluginError
+from zsq_plugins.phases import PhaseMeter
 from zsq_plugins.quant.adaptive_bn import BNCorrection, adapt_batchnorm
 from zsq_plugins.quant.clipping import ClipResult, clip_activations
 from zsq_plugins.reconstruction import RECONSTRUCTIONS, ReconstructionReport
@@ -31,6 +33,7 @@ from zsq_plugins.reconstruction import reconstruct as run_reconstruction
 from zsq_plugins.spec import QuantSpec
 from zsq_plugins.synthesis.adversarial import adversarial_synthesize
 from zsq_plugins.synthesis.api import calibration_loader, synthesize
+from zsq_plugins.synthesis.model_info import infer_input_shape
 from zsq_plugins.synthesis.presets import get_preset
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,12 @@ class ApplyReport:
     """The options given to the toolkit's own call (``toolkit_options``)."""
     input_shape: tuple[int, ...] = ()
     """The shape of one input image (as the calibration data have it)."""
+    synthesis: dict[str, Any] | None = None
+    """With a generator preset: the preset, budget and resolved SynthesisConfig that made the
+    images (what ``auto`` chose), and the generation's seconds."""
+    peak_rss_mib: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per phase (as ``timings_s``), the process's peak resident memory in MiB while it ran
+    (empty where the platform has no /proc)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +81,8 @@ class ApplyReport:
             "num_samples": self.num_samples,
             "seed": self.seed,
             "timings_s": self.timings_s,
+            "peak_rss_mib": self.peak_rss_mib,
+            "synthesis": self.synthesis,
             "quantizers": len(self.quantized.handles),
             "adapter_report": self.quantized.report,
             "reconstruction": self.reconstruction.to_dict() if self.reconstruction else None,
@@ -141,7 +152,7 @@ def _calibration_batches(
         size = len(data.dataset)  # type: ignore[arg-type]
         return _FirstImages(data, num_samples), "DataLoader", min(size, num_samples)
     if isinstance(data, str):
-        budget = synthesis.get("budget", Budget.CPU)
+        budget = synthesis.get("budget", Budget.AUTO)
         if get_preset(data).config(budget).needs_opponent:  # ZAQ: plays this toolkit's model
             dataset = adversarial_synthesize(
                 model, toolkit, spec, num_samples, data, seed, **synthesis
@@ -158,16 +169,53 @@ def _calibration_batches(
     return loader, source, len(loader.dataset)  # type: ignore[arg-type]
 
 
+def _synthesis_record(loader: Any) -> dict[str, Any] | None:
+    """What made synthetic calibration data (None for the user's own data)."""
+    dataset = getattr(loader, "dataset", None)
+    manifest = getattr(dataset, "manifest", None)
+    if not isinstance(manifest, dict) or "identity" not in manifest:
+        return None
+    # An adversarial set is made in rounds, each a set of its own: the last one's settings.
+    rounds = manifest.get("rounds") or [manifest]
+    last = rounds[-1].get("identity", {})
+    seconds = [r.get("generation_seconds") for r in rounds]
+    return {
+        "preset": manifest["identity"].get("preset"),
+        "budget": last.get("budget"),
+        "config": last.get("config"),
+        "generation_seconds": sum(seconds) if None not in seconds else None,
+    }
+
+
+def _input_shape(
+    model: nn.Module, data: str | Dataset | DataLoader | torch.Tensor, synthesis: dict[str, Any]
+) -> tuple[int, ...] | None:
+    """The shape of one input image: from the data, else from the synthesis options or the
+    model (None when unknown: the steps that need it say so)."""
+    if isinstance(data, torch.Tensor):
+        return tuple(data.shape[1:])
+    if isinstance(data, DataLoader | Dataset):
+        dataset = data.dataset if isinstance(data, DataLoader) else data
+        item = dataset[0]
+        image = item[0] if isinstance(item, tuple | list) else item
+        return tuple(image.shape) if isinstance(image, torch.Tensor) else None
+    if synthesis.get("input_spec") is not None:
+        return tuple(synthesis["input_spec"].shape)
+    if synthesis.get("input_shape") is not None:
+        return tuple(synthesis["input_shape"])
+    return infer_input_shape(model)
+
+
 def apply(
     model: nn.Module,
     toolkit: str = "fx",
     spec: QuantSpec | str | None = None,
     data: str | Dataset | DataLoader | torch.Tensor = "genie",
-    num_samples: int = 1024,
+    num_samples: int | None = None,
     reconstruct: str | None = None,
     seed: int = 0,
     *,
-    reconstruct_budget: str = "cpu",
+    reconstruct_budget: str = "auto",
     reconstruct_options: dict[str, Any] | None = None,
     reconstruct_checkpoint: str | os.PathLike[str] | None = None,
     aac: bool = False,
@@ -181,11 +229,14 @@ def apply(
     plugin's), calibrated on ``data``: a generator preset name (synthesized for the model:
     zero-shot), or your own Dataset, DataLoader or tensor of images, of which the first
     ``num_samples`` are used (a DataLoader is read batch by batch up to that many; the steps
-    after calibration hold those images, never more).
+    after calibration hold those images, never more). ``num_samples`` defaults to 1,024
+    images, fewer (down to 256) for models that cost more per image than the Fashion-MNIST
+    zoo models (the ``auto`` budget, zsq_plugins.budgets).
 
     ``reconstruct`` names a reconstruction preset (``adaround``, ``brecq``, ``qdrop``,
     ``genie-m``) run on the toolkit's own model after calibration, with the same images and
-    ``reconstruct_budget`` (``cpu`` or ``paper``); ``reconstruct_options`` override any
+    ``reconstruct_budget`` (``auto``, ``cpu`` or ``paper``; ``auto`` scales the ``cpu`` steps
+    to the model's cost, as ``budget`` does for generation); ``reconstruct_options`` override any
     ReconstructionConfig field (``{"iterations": 500}``); ``reconstruct_checkpoint`` names a
     folder where the reconstruction saves its state after every block, so that the same call
     resumes it after an interruption. ``aac`` sets every activation
@@ -219,66 +270,69 @@ def apply(
     if toolkit_options:  # an unknown option fails before any work
         check_toolkit_options(adapter, toolkit_options)
     model = model.eval()
+    meter = PhaseMeter()
     started = time.perf_counter()
+    if num_samples is None:
+        num_samples = auto_images(model, _input_shape(model, data, synthesis))
+    elif isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     synthesis_options = {**synthesis}
     if isinstance(data, str):
         synthesis_options.update(cache_dir=cache_dir, progress=progress)
-    loader, source, count = _calibration_batches(
-        model, data, num_samples, seed, synthesis_options, toolkit, spec
-    )
-    data_ready = time.perf_counter()
+    with meter.phase("data"):
+        loader, source, count = _calibration_batches(
+            model, data, num_samples, seed, synthesis_options, toolkit, spec
+        )
     first = next(iter(loader))
     example_input = (first[0] if isinstance(first, tuple | list) else first)[:2]
-    with tqdm(desc=f"calibrate ({toolkit})", unit="batch", disable=not progress) as bar:
+    with (
+        meter.phase("quantize_and_calibrate"),
+        tqdm(desc=f"calibrate ({toolkit})", unit="batch", disable=not progress) as bar,
+    ):
         batches = _ProgressBatches(loader, bar)
         quantized = quantize_with_options(
             adapter, model, spec, batches, example_input, toolkit_options
         )
-    calibrated = time.perf_counter()
     images = None
     if aac or abn or reconstruct is not None:
         images = torch.cat([b[0] if isinstance(b, tuple | list) else b for b in loader])
     # AAC first: it reads FP activations through identity overrides of the toolkit's model,
     # whose float weights ABN rescales; and ABN should correct the statistics that the final
     # activation ranges produce.
-    clipping = clip_activations(quantized, images, seed=seed) if aac else None
-    clipped = time.perf_counter()
-    corrections = adapt_batchnorm(quantized, model, images) if abn else None
-    adapted = time.perf_counter()
+    with meter.phase("clip"):
+        clipping = clip_activations(quantized, images, seed=seed) if aac else None
+    with meter.phase("abn"):
+        corrections = adapt_batchnorm(quantized, model, images) if abn else None
     reconstruction = None
-    if reconstruct is not None:
-        reconstruction = run_reconstruction(
-            quantized,
-            model,
-            images,
-            reconstruct,
-            budget=reconstruct_budget,
-            seed=seed,
-            progress=progress,
-            checkpoint_dir=reconstruct_checkpoint,
-            **(reconstruct_options or {}),
-        )
-    done = time.perf_counter()
+    with meter.phase("reconstruct"):
+        if reconstruct is not None:
+            reconstruction = run_reconstruction(
+                quantized,
+                model,
+                images,
+                reconstruct,
+                budget=reconstruct_budget,
+                seed=seed,
+                progress=progress,
+                checkpoint_dir=reconstruct_checkpoint,
+                **(reconstruct_options or {}),
+            )
+    total = round(time.perf_counter() - started, 3)
     report = ApplyReport(
         toolkit=toolkit,
         spec=spec,
         data=source,
         num_samples=count,
         seed=seed,
-        timings_s={
-            "data": round(data_ready - started, 3),
-            "quantize_and_calibrate": round(calibrated - data_ready, 3),
-            "clip": round(clipped - calibrated, 3),
-            "abn": round(adapted - clipped, 3),
-            "reconstruct": round(done - adapted, 3),
-            "total": round(done - started, 3),
-        },
+        timings_s={**meter.seconds, "total": total},
+        peak_rss_mib=meter.peak_rss_mib,
         quantized=quantized,
         reconstruction=reconstruction,
         clipping=clipping,
         adaptive_bn=corrections,
         toolkit_options=dict(toolkit_options or {}),
         input_shape=tuple(example_input.shape[1:]),
+        synthesis=_synthesis_record(loader),
     )
     log.info("apply(%s, %s): %s", toolkit, spec.label, report.timings_s)
     return quantized.model, report

@@ -19,6 +19,14 @@ if TYPE_CHECKING:
     from zsq_plugins.compare import GridConfig
 
 
+BUDGETS = ("auto", "cpu", "paper")
+BUDGET_HELP = (
+    "auto (default): the cpu budget, with fewer images and steps for models that cost more "
+    "per image than the Fashion-MNIST zoo models; cpu; or paper (the papers' budgets)"
+)
+NUM_SAMPLES_HELP = "calibration images (default: 1024, fewer down to 256 for costly models)"
+
+
 def _cmd_zoo(args: argparse.Namespace) -> int:
     from zsq_plugins.zoo import card, list_models
 
@@ -53,18 +61,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from zsq_plugins.budgets import auto_images
     from zsq_plugins.model_source import load_model
     from zsq_plugins.quantize_command import input_spec_from
     from zsq_plugins.synthesis import synthesize
+    from zsq_plugins.synthesis.model_info import infer_input_shape
 
     overrides = parse_key_values(args.set, "--set")  # malformed options fail before any work
     if args.input_shape is not None:
         overrides["input_spec"] = input_spec_from(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    model = load_model(args.model, args.weights)
+    shape = overrides["input_spec"].shape if "input_spec" in overrides else None
     data = synthesize(
-        load_model(args.model, args.weights),
-        args.num_samples,
+        model,
+        args.num_samples or auto_images(model, shape or infer_input_shape(model)),
         args.preset,
         args.seed,
         budget=args.budget,
@@ -246,9 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_options(generate)
     generate.add_argument("--preset", default="genie", help="generator preset (default genie)")
-    generate.add_argument("--num-samples", type=int, default=1024)
+    generate.add_argument("--num-samples", type=int, default=None, help=NUM_SAMPLES_HELP)
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--budget", default="cpu", choices=["cpu", "paper"])
+    generate.add_argument("--budget", default="auto", choices=BUDGETS, help=BUDGET_HELP)
     generate.add_argument("--out", required=True, help="output folder (reused to resume)")
     generate.add_argument("--device", default=None, help="e.g. cpu, cuda (default: model's)")
     generate.add_argument("--threads", type=int, default=None, help="torch threads per process")
@@ -286,9 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument(
         "--data", default="genie", help="a generator preset, or 'real' (default genie)"
     )
-    quantize.add_argument("--num-samples", type=int, default=1024)
+    quantize.add_argument("--num-samples", type=int, default=None, help=NUM_SAMPLES_HELP)
     quantize.add_argument("--reconstruct", default=None, help="e.g. genie-m, brecq, adaround")
-    quantize.add_argument("--budget", default="cpu", choices=["cpu", "paper"])
+    quantize.add_argument("--budget", default="auto", choices=BUDGETS, help=BUDGET_HELP)
     quantize.add_argument(
         "--aac", action="store_true", help="accurate activation clipping after calibration"
     )

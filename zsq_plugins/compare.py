@@ -26,8 +26,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from zsq_plugins.budgets import auto_budget, model_macs
 from zsq_plugins.configio import Budget, check_fields, to_json_dict
 from zsq_plugins.errors import CacheMismatchError, ZSQError
+from zsq_plugins.reconstruction.config import same_result_fields
 from zsq_plugins.reconstruction.presets import RECONSTRUCTIONS
 from zsq_plugins.reconstruction.routine import ROUTINE_REVISION
 from zsq_plugins.reporting import (
@@ -102,6 +104,10 @@ class GridConfig:
     reconstruct_budget: str = "cpu"
     test_samples: int | None = None
     """Evaluate on the first N test images only (None: the whole evaluation set)."""
+    imagenet_folder: bool = False
+    """ImageNet models: evaluate on a folder of labelled ImageNet images (``$ZSQ_IMAGENET_DIR``,
+    zsq_plugins.datasets.imagenet) instead of the 20 foolbox samples, and calibrate ``real``
+    on its fixed pool (``imagenet_split``: 256 images, never evaluated on)."""
     synthesis: dict[str, Any] = dataclasses.field(default_factory=dict)
     """SynthesisConfig overrides for every generator preset of the grid, e.g.
     ``{"iterations": 50, "batch_size": 32}`` (a TOML table ``[grid.synthesis]``)."""
@@ -148,6 +154,8 @@ class GridConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field} must be a positive integer, got {value!r}")
+        if not isinstance(self.imagenet_folder, bool):
+            raise ValueError(f"imagenet_folder must be true or false, got {self.imagenet_folder!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.synthesis, dict):
@@ -243,6 +251,7 @@ class GridConfig:
             **({"quant": self.quant} if self.quant else {}),
             **({"toolkit_options": self.toolkit_options} if self.toolkit_options else {}),
             **({"user_models": self.user_models} if self.user_models else {}),
+            **({"imagenet_folder": True} if self.imagenet_folder else {}),
         }
 
 
@@ -263,8 +272,15 @@ class Cell:
         return "__".join(parts)
 
 
-def evaluation_data(model_name: str, test_samples: int | None) -> Any:
-    """The model's labelled evaluation data (Fashion-MNIST test set, or the 20 ImageNet
+IMAGENET_EVAL_BATCH = 50
+"""Images per evaluation batch of a 224 px model: bounded activation memory."""
+
+
+def evaluation_data(
+    model_name: str, test_samples: int | None, imagenet_folder: bool = False
+) -> Any:
+    """The model's labelled evaluation data (Fashion-MNIST test set; for ImageNet models the
+    evaluation part of the ImageNet folder with ``imagenet_folder``, else the 20 foolbox
     images), optionally its first ``test_samples`` items."""
     from zsq_plugins.datasets import fashion_mnist, labelled_samples
     from zsq_plugins.zoo import card
@@ -276,9 +292,25 @@ def evaluation_data(model_name: str, test_samples: int | None) -> Any:
             test = torch.utils.data.Subset(test, range(test_samples))
         return test
     if model_card.dataset == "imagenet":
-        images, labels = labelled_samples("imagenet", size=model_card.input_shape[-1])
-        return [(images[:test_samples], labels[:test_samples])]
+        if imagenet_folder:
+            images, labels = _imagenet_part(model_card.input_shape[-1], calibration=False)
+        else:
+            images, labels = labelled_samples("imagenet", size=model_card.input_shape[-1])
+        images, labels = images[:test_samples], labels[:test_samples]
+        return [
+            (images[i : i + IMAGENET_EVAL_BATCH], labels[i : i + IMAGENET_EVAL_BATCH])
+            for i in range(0, len(images), IMAGENET_EVAL_BATCH)
+        ]
     raise ValueError(f"no evaluation data known for dataset {model_card.dataset!r}")
+
+
+def _imagenet_part(size: int, calibration: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration pool or the evaluation part of the ImageNet folder, decoded."""
+    from zsq_plugins.datasets.imagenet import ImageNetSamples, imagenet_split
+
+    dataset = ImageNetSamples(size=size)
+    pool, evaluation = imagenet_split(dataset)
+    return dataset.tensors(pool if calibration else evaluation)
 
 
 def synthetic_set_folder(
@@ -328,7 +360,16 @@ def calibration_images(
 
     user = config.user_model(model_name)
     if source == REAL:
-        if user is not None or zoo.card(model_name).dataset != "fashion_mnist":
+        dataset = None if user is not None else zoo.card(model_name).dataset
+        if dataset == "imagenet" and config.imagenet_folder:
+            pool, _ = _imagenet_part(zoo.card(model_name).input_shape[-1], calibration=True)
+            if config.num_samples > len(pool):
+                raise ZSQError(
+                    f"num_samples {config.num_samples} exceeds the ImageNet calibration pool "
+                    f"({len(pool)} images)"
+                )
+            return pool[: config.num_samples]
+        if dataset != "fashion_mnist":
             raise ZSQError(
                 f"no real training images are available offline for {model_name}; use "
                 "generator presets only for it"
@@ -421,6 +462,7 @@ def run_cell(
         "num_test": result.num_samples,
         "fp32_top1": fp32 if fp32 is not None else published,
         "timings_s": {**report.timings_s, "evaluate": round(time.perf_counter() - started, 3)},
+        "peak_rss_mib": report.peak_rss_mib,
         "reconstruction_fidelity": (
             max((b.fidelity for b in reconstruction.blocks), default=None)
             if reconstruction is not None
@@ -430,14 +472,29 @@ def run_cell(
     }
 
 
-def reconstruction_config(preset: str, budget: str) -> dict[str, Any] | None:
+def reconstruction_config(
+    preset: str, budget: str, macs: int | None = None
+) -> dict[str, Any] | None:
     """The configuration reconstruction ``preset`` (``none``: no reconstruction, None) runs
-    with now at ``budget``, and the routine's revision; a result that recorded another one
-    is stale."""
+    with now at ``budget`` (``auto`` needs the model's ``macs`` per image), and the routine's
+    revision; a result that recorded another one is stale (``same_reconstruction``)."""
     if preset == NO_RECONSTRUCTION:
         return None
-    config = RECONSTRUCTIONS.get(preset).config(budget).to_dict()
-    return {**config, "routine_revision": ROUTINE_REVISION}
+    config = RECONSTRUCTIONS.get(preset).config(budget)
+    if Budget.parse(budget) is Budget.AUTO:
+        if macs is None:
+            raise ValueError("the auto budget depends on the model: pass its macs")
+        config = auto_budget(macs).scale_reconstruction(config)
+    return {**config.to_dict(), "routine_revision": ROUTINE_REVISION}
+
+
+def same_reconstruction(stored: dict[str, Any] | None, current: dict[str, Any] | None) -> bool:
+    """Whether a recorded reconstruction configuration gives the results ``current`` gives:
+    equal but for the fields that change only time and memory (where block inputs are
+    kept)."""
+    if stored is None or current is None:
+        return stored is current
+    return same_result_fields(stored) == same_result_fields(current)
 
 
 class GridResults:
@@ -447,6 +504,20 @@ class GridResults:
         self.folder = Path(folder)
         self.config = config
         self.cells_dir = self.folder / "cells"
+        self._macs: dict[str, int] = {}
+
+    def macs(self, model: str) -> int:
+        """Forward MACs per image of a grid's model (what the ``auto`` budget scales by)."""
+        if model not in self._macs:
+            user = self.config.user_model(model)
+            if user is not None:
+                shape = user.input_shape
+            else:
+                from zsq_plugins.zoo import card
+
+                shape = card(model).input_shape
+            self._macs[model] = model_macs(self.config.load_model(model), shape)
+        return self._macs[model]
 
     def check_protocol(self) -> None:
         path = self.folder / "protocol.json"
@@ -472,8 +543,10 @@ class GridResults:
         except json.JSONDecodeError:
             log.warning("%s is damaged; the cell runs again", path)
             return None
-        current = reconstruction_config(cell.reconstruct, self.config.reconstruct_budget)
-        if result.get("reconstruction_config") != current:
+        budget = self.config.reconstruct_budget
+        macs = self.macs(cell.model) if Budget.parse(budget) is Budget.AUTO else None
+        current = reconstruction_config(cell.reconstruct, budget, macs)
+        if not same_reconstruction(result.get("reconstruction_config"), current):
             log.warning(
                 "%s was reconstructed with another configuration of %r (its preset or a default "
                 "changed since); the cell runs again",
@@ -552,7 +625,7 @@ def run_grid(
             fp_model = config.load_model(cell.model)
             user = config.user_model(cell.model)
             if user is None:
-                test = evaluation_data(cell.model, config.test_samples)
+                test = evaluation_data(cell.model, config.test_samples, config.imagenet_folder)
             else:
                 test = user.evaluation_data(
                     fp_model, config.test_samples, data_folder / cell.model, config.seed,

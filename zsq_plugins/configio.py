@@ -71,11 +71,15 @@ class Budget(str, Enum):
     PAPER = "paper"
     """What the paper used."""
     CPU = "cpu"
-    """A budget chosen so that the whole zero-shot pipeline takes minutes on 2 CPU threads."""
+    """A budget chosen so that the whole zero-shot pipeline takes minutes on 2 CPU threads
+    for the Fashion-MNIST zoo models."""
+    AUTO = "auto"
+    """``cpu`` for models as cheap as the Fashion-MNIST zoo models; for costlier ones, fewer
+    images and steps in proportion to the model's cost per image (zsq_plugins.budgets)."""
 
     @classmethod
     def parse(cls, value: Budget | str) -> Budget:
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"budget must be 'paper' or 'cpu', got {value!r}") from None
+            raise ValueError(f"budget must be 'auto', 'cpu' or 'paper', got {value!r}") from None

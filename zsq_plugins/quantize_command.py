@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zsq_plugins.budgets import auto_images
 from zsq_plugins.configio import parse_key_values
 from zsq_plugins.errors import ZSQError
 from zsq_plugins.input_spec import InputSpec
@@ -70,6 +71,7 @@ def _zoo_data(args: argparse.Namespace, out: Path) -> tuple[nn.Module, torch.Ten
     """A zoo model, its calibration images (cached like ``zsq compare``'s) and test set."""
     from zsq_plugins.compare import GridConfig, calibration_images, evaluation_data
     from zsq_plugins.model_source import load_model
+    from zsq_plugins.zoo import card as model_card
 
     given = [flag for flag, value in CONTRACT_FLAGS.items() if getattr(args, value) is not None]
     if given or args.eval_dir is not None:
@@ -78,18 +80,20 @@ def _zoo_data(args: argparse.Namespace, out: Path) -> tuple[nn.Module, torch.Ten
             f"{', '.join(given) or '--eval-dir'} are for a model of your own"
         )
 
+    model = load_model(args.model, args.weights)
+    num_samples = args.num_samples or auto_images(model, model_card(args.model).input_shape)
     config = GridConfig(
         models=(args.model,),
         toolkits=(args.toolkit,),
         data=(args.data,),
         specs=(args.spec,),
-        num_samples=args.num_samples,
+        num_samples=num_samples,
         seed=args.seed,
         synthesis_budget=args.budget,
         reconstruct_budget=args.budget,
     )
     images = calibration_images(args.model, args.data, config, out / "data", not args.no_progress)
-    return load_model(args.model, args.weights), images, evaluation_data(args.model, None)
+    return model, images, evaluation_data(args.model, None)
 
 
 def _own_data(args: argparse.Namespace, out: Path) -> tuple[nn.Module, torch.Tensor, Any]:
@@ -116,8 +120,9 @@ def _own_data(args: argparse.Namespace, out: Path) -> tuple[nn.Module, torch.Ten
     except ValueError as error:
         raise ZSQError(str(error)) from None
     model = user.load()
+    num_samples = args.num_samples or auto_images(model, user.input_shape)
     images = synthesize(
-        model, args.num_samples, args.data, args.seed, budget=args.budget,
+        model, num_samples, args.data, args.seed, budget=args.budget,
         input_spec=user.input_spec, cache_dir=out / "data" / args.data,
         progress=not args.no_progress,
     ).images  # fmt: skip
@@ -149,7 +154,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     load = _zoo_data if zoo_model else _own_data
     fp_model, images, test = load(args, out)
     model, report = apply(
-        fp_model, args.toolkit, spec, data=images, reconstruct=args.reconstruct,
+        fp_model, args.toolkit, spec, data=images, num_samples=len(images),
+        reconstruct=args.reconstruct,
         seed=args.seed, reconstruct_budget=args.budget, aac=args.aac, abn=args.abn,
         toolkit_options=toolkit_options, progress=not args.no_progress,
     )  # fmt: skip

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from zsq_plugins.adapter import QuantizedModel
+from zsq_plugins.budgets import auto_budget, model_macs
 from zsq_plugins.configio import Budget
 from zsq_plugins.reconstruction.block_inputs import BlockInputCache
 from zsq_plugins.reconstruction.config import ReconstructionConfig
@@ -22,7 +23,7 @@ def reconstruct(
     fp_model: nn.Module,
     images: torch.Tensor,
     preset: str = "genie-m",
-    budget: Budget | str = Budget.CPU,
+    budget: Budget | str = Budget.AUTO,
     *,
     seed: int = 0,
     progress: bool = True,
@@ -35,8 +36,14 @@ def reconstruct(
 
     ``checkpoint_dir`` saves the state after every block there; calling again with the same
     folder (and the same quantized model, images, preset, budget and seed), after an
-    interruption, resumes after the last finished block."""
+    interruption, resumes after the last finished block. ``budget`` is ``auto`` (the
+    default: ``cpu`` with fewer steps for models costlier per image than the Fashion-MNIST zoo
+    models, zsq_plugins.budgets), ``cpu`` or ``paper``; ``overrides`` set any
+    ReconstructionConfig field."""
     config = RECONSTRUCTIONS.get(preset).config(budget).replace(**overrides)
+    if Budget.parse(budget) is Budget.AUTO:
+        macs = model_macs(fp_model, tuple(images.shape[1:]))
+        config = auto_budget(macs).scale_reconstruction(config, fixed=overrides)
     return _run(
         quantized,
         fp_model,

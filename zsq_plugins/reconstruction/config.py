@@ -15,6 +15,14 @@ from zsq_plugins.configio import checked_replace, to_json_dict
 from zsq_plugins.reconstruction.block_inputs import BlockInputCache
 from zsq_plugins.reconstruction.blocks import Granularity
 
+RESULT_NEUTRAL = ("block_inputs",)
+"""ReconstructionConfig fields that change time and memory only, never the result."""
+
+
+def same_result_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """A recorded configuration (``to_dict()`` form) without the ``RESULT_NEUTRAL`` fields."""
+    return {k: v for k, v in config.items() if k not in RESULT_NEUTRAL}
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ReconstructionConfig:
@@ -60,9 +68,10 @@ class ReconstructionConfig:
     differ (a channel's max|w| on 7, 7.5 or 8 steps at 4 bits; 1, 1.5 or 2 at 2 bits), a
     rounding-only preset cannot move them, and Genie-M's learned step moves too little in a
     short budget: without the search, the toolkit's calibration rule decides the result."""
-    block_inputs: BlockInputCache = BlockInputCache.MEMORY
+    block_inputs: BlockInputCache = BlockInputCache.AUTO
     """Where the quantized prefix's output (the block's input) is kept while a block learns:
-    ``memory``, ``disk`` (a memory-mapped temporary file) or ``off`` (the prefix runs on every
+    ``memory``, ``disk`` (a memory-mapped temporary file), ``auto`` (memory up to 1 GiB per
+    block, disk above: block_inputs.AUTO_MEMORY_LIMIT) or ``off`` (the prefix runs on every
     step, as a plain BRECQ loop does). Caching changes no result, only time and memory:
     BRECQ's and QDrop's code cache block inputs the same way."""
 
@@ -71,7 +80,7 @@ class ReconstructionConfig:
             object.__setattr__(self, "block_inputs", BlockInputCache(self.block_inputs))
         except ValueError:
             raise ValueError(
-                f"block_inputs must be 'memory', 'disk' or 'off', got {self.block_inputs!r}"
+                f"block_inputs must be 'auto', 'memory', 'disk' or 'off', got {self.block_inputs!r}"
             ) from None
         try:
             object.__setattr__(self, "granularity", Granularity(self.granularity))

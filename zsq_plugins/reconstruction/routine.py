@@ -195,11 +195,12 @@ def reconstruct_block(
     def activation(lsq: LSQActivation):
         def quantize(x: torch.Tensor, toolkit_output: torch.Tensor) -> torch.Tensor:
             torch.set_grad_enabled(True)
-            q = lsq(x, plain_tensor(toolkit_output))  # the toolkit's value, LSQ's gradient
+            keep_float = None
             if training["on"] and config.drop_probability > 0:  # QDrop
                 keep_float = torch.rand(x.shape, generator=generator) < config.drop_probability
-                q = torch.where(keep_float.to(x.device), x, q)
-            return q
+                keep_float = keep_float.to(x.device)
+            # the toolkit's value, LSQ's gradient
+            return lsq(x, plain_tensor(toolkit_output), keep_float)
 
         return quantize
 

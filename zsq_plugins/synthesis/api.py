@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from zsq_plugins.budgets import auto_budget, model_macs
 from zsq_plugins.configio import Budget
 from zsq_plugins.errors import UnsupportedModelError
 from zsq_plugins.input_spec import InputSpec
@@ -74,7 +75,7 @@ def synthesize(
     preset: str = "genie",
     seed: int = 0,
     *,
-    budget: Budget | str = Budget.CPU,
+    budget: Budget | str = Budget.AUTO,
     input_shape: Sequence[int] | None = None,
     input_spec: InputSpec | None = None,
     input_mean: Sequence[float] | None = None,
@@ -89,8 +90,10 @@ def synthesize(
     """Generates ``num_samples`` calibration images for ``model`` without any real data.
 
     ``preset`` names a generator (``noise``, ``zeroq``, ``dsg``, ``genie``, or one added by
-    a plugin); ``budget`` picks its ``paper`` or ``cpu`` iteration budget; ``overrides`` set
-    any SynthesisConfig field (``iterations=50``, ``batch_size=64``...). Images are in the
+    a plugin); ``budget`` picks its ``paper`` or ``cpu`` iteration budget, or ``auto`` (the
+    default): ``cpu`` scaled down for models costlier per image than the Fashion-MNIST zoo
+    models (zsq_plugins.budgets); ``overrides`` set any SynthesisConfig field
+    (``iterations=50``, ``batch_size=64``...) and win over the budget. Images are in the
     model's input space (``[0, 1]`` for the zoo's models). ``input_shape`` (C, H, W) is read
     from ``model.input_shape`` when the model declares it. ``input_spec`` (an ``InputSpec``)
     says what a model that does not declare it expects: its input shape, a normalization
@@ -166,6 +169,11 @@ def synthesize(
         )
     with frozen(model):  # eval mode for the check, the caller's mode restored afterwards
         num_classes = check_input_shape(model, shape, device)
+    optimized = config.parameterization is not Parameterization.NOISE
+    if Budget.parse(budget) is Budget.AUTO and optimized:
+        config = auto_budget(model_macs(model, shape)).scale_synthesis(
+            config, num_samples, fixed=overrides
+        )
     sizes = batch_sizes(num_samples, config.batch_size)
     identity = {
         "format": FORMAT,

@@ -1,0 +1,291 @@
+"""The ImageNet benchmark: EfficientNet-Lite0 quantized in every toolkit, evaluated on labelled
+ImageNet images.
+
+    export ZSQ_IMAGENET_DIR=/path/to/imagenet-samples   # <wnid>_<name>.JPEG, one per class
+    python benchmarks/imagenet.py                    # every part (hours on 2 CPU threads)
+    python benchmarks/imagenet.py --part grid        # no reconstruction
+    python benchmarks/imagenet.py --part genie-m     # W4A8 followed by genie-m
+    python benchmarks/imagenet.py --part default     # the default pipeline, timed
+    python benchmarks/imagenet.py --render-only      # the page from what is finished
+
+The folder is a set of labelled ImageNet images such as the public "one image per ImageNet
+class" set (1,000 images). A fixed pool of 256 of them (``imagenet_split``: the smallest
+SHA-256 digests of the file names) is the real-data calibration set; the other 744 are the
+evaluation set of every row, FP32 included. The grids are ``zsq compare`` grids
+(benchmarks/configs/imagenet.toml, imagenet_genie_m.toml), resumable cell by cell; the
+default pipeline is ``apply(efficientnet_lite0, "fx", "W4A8", data="genie",
+reconstruct="genie-m")`` with no other argument, timed phase by phase with its peak memory.
+Writes docs/results/imagenet/ and docs/results/imagenet.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zsq_plugins.compare import GridConfig, evaluation_data, run_grid
+from zsq_plugins.datasets.imagenet import CALIBRATION_POOL, ENV_VAR, ImageNetSamples
+from zsq_plugins.errors import ZSQError
+from zsq_plugins.reporting import (
+    environment_footer,
+    environment_info,
+    markdown_table,
+    write_json,
+    write_text_atomic,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results" / "imagenet"
+PAGE = ROOT / "docs" / "results" / "imagenet.md"
+CONFIGS = ROOT / "benchmarks" / "configs"
+GRIDS = {"grid": "imagenet", "genie-m": "imagenet_genie_m"}
+"""Part name -> grid config (benchmarks/configs/<name>.toml) and results folder."""
+DATA_DIR = ROOT / ".cache" / "imagenet-synthetic"
+"""Synthetic sets shared by both grids (generated once per preset), outside docs/."""
+MODEL = "efficientnet_lite0"
+DEFAULT_PIPELINE = {"toolkit": "fx", "spec": "W4A8", "data": "genie", "reconstruct": "genie-m"}
+TARGET_MINUTES = 45.0
+"""The default pipeline's target on 2 CPU threads."""
+
+log = logging.getLogger("imagenet")
+
+
+def run_default_pipeline(out: Path, progress: bool) -> dict[str, Any]:
+    """``apply`` with the defaults only, timed and measured per phase, then evaluated."""
+    from zsq_plugins import apply, evaluate, zoo
+
+    model = zoo.load(MODEL)
+    started = time.perf_counter()
+    quantized, report = apply(
+        model,
+        DEFAULT_PIPELINE["toolkit"],
+        DEFAULT_PIPELINE["spec"],
+        data=DEFAULT_PIPELINE["data"],
+        reconstruct=DEFAULT_PIPELINE["reconstruct"],
+        progress=progress,
+    )
+    wall = time.perf_counter() - started
+    test = evaluation_data(MODEL, None, imagenet_folder=True)
+    result = evaluate(quantized, test, zoo.load(MODEL), progress=progress)
+    reconstruction = report.reconstruction
+    assert reconstruction is not None and report.synthesis is not None
+    steps = reconstruction.config["iterations"] * len(reconstruction.blocks)
+    record = {
+        "call": DEFAULT_PIPELINE,
+        "minutes": round(wall / 60, 2),
+        "target_minutes": TARGET_MINUTES,
+        "num_samples": report.num_samples,
+        "generation": {
+            "iterations": report.synthesis["config"]["iterations"],
+            "batch_size": report.synthesis["config"]["batch_size"],
+            "images_per_s": round(report.num_samples / report.timings_s["data"], 3),
+        },
+        "reconstruction": {
+            "iterations_per_block": reconstruction.config["iterations"],
+            "blocks": len(reconstruction.blocks),
+            "batch_size": reconstruction.config["batch_size"],
+            "steps_per_s": round(steps / report.timings_s["reconstruct"], 3),
+        },
+        "timings_s": report.timings_s,
+        "peak_rss_mib": report.peak_rss_mib,
+        "top1": result.top1,
+        "agreement": result.agreement,
+        "kl": result.kl,
+        "num_test": result.num_samples,
+        "environment": environment_info(),
+    }
+    write_json(out / "default_pipeline.json", record)
+    return record
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+PHASES = ("data", "quantize_and_calibrate", "reconstruct", "evaluate")
+
+
+def _cost_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for cell in cells:
+        timings, memory = cell.get("timings_s", {}), cell.get("peak_rss_mib") or {}
+        row: dict[str, Any] = {
+            "data": cell["data"],
+            "spec": cell["spec"],
+            "toolkit": cell["toolkit"],
+            "reconstruct": cell["reconstruct"],
+        }
+        for phase in PHASES:
+            row[f"{phase} s"] = timings.get(phase)
+        row["peak RSS MiB"] = max(memory.values(), default=None)
+        rows.append(row)
+    return rows
+
+
+def _generation_rows(data_dir: Path) -> list[dict[str, Any]]:
+    """Each synthetic set the grids generated: its budget and throughput."""
+    rows = []
+    for manifest_path in sorted(data_dir.glob(f"{MODEL}/*/manifest.json")):
+        manifest = json.loads(manifest_path.read_text())
+        identity, seconds = manifest["identity"], manifest.get("generation_seconds")
+        if not seconds:
+            continue
+        rows.append(
+            {
+                "preset": identity["preset"],
+                "budget": identity["budget"],
+                "images": identity["num_samples"],
+                "iterations": identity["config"]["iterations"],
+                "batch": identity["config"]["batch_size"],
+                "minutes": seconds / 60,
+                "images/s": identity["num_samples"] / seconds,
+            }
+        )
+    return rows
+
+
+def render() -> str:
+    from zsq_plugins.zoo import card
+
+    published = card(MODEL).published_top1
+    out = [
+        "# ImageNet benchmark (generated by `python benchmarks/imagenet.py`)\n\n",
+        f"EfficientNet-Lite0 (real ImageNet weights) on a folder of 1,000 labelled ImageNet "
+        f"images, one per class: a fixed pool of {CALIBRATION_POOL} of them (the smallest "
+        "SHA-256 digests of the file names, `zsq_plugins.datasets.imagenet_split`) is the "
+        "real-data calibration set; every row is evaluated on the other "
+        f"{1000 - CALIBRATION_POOL} (FP32 included). These sample images are easier than the "
+        f"ImageNet validation set (the model's published top-1 there is {published}%): read "
+        "top-1 against the FP32 row, and agreement and KL to FP32.\n\n"
+        "Grids run the literature's setting (full 8-bit first and last layers, "
+        "`overflow_fix = false`) with 256 calibration images and the `auto` budget "
+        "(zsq_plugins.budgets); the default pipeline runs the library's defaults.\n",
+    ]
+    for part, name in GRIDS.items():
+        record = _load(RESULTS / name / "results.json")
+        if record is None:
+            out.append(f"\n## {part}\n\nNot measured yet: `python benchmarks/imagenet.py "
+                       f"--part {part}`.\n")  # fmt: skip
+            continue
+        cells = record["cells"]
+        fp32 = next((c["fp32_top1"] for c in cells if c.get("fp32_top1") is not None), None)
+        out.append(
+            f"\n## {part}: [accuracy tables]({'imagenet/' + name}/results.md)\n\n"
+            f"{len(cells)} cells finished; FP32 top-1 on the evaluation images: "
+            f"{fp32:.2f}%.\n\n"
+            if fp32 is not None
+            else f"\n## {part}\n\n"
+        )
+        out.append("### Top-1 (%) per cell\n\n")
+        out.append(
+            markdown_table(
+                [
+                    {k: c[k] for k in ("data", "spec", "toolkit", "top1", "agreement", "kl")}
+                    for c in cells
+                ],
+                ["data", "spec", "toolkit", "top1", "agreement", "kl"],
+                digits=2,
+            )
+        )
+        out.append("\n### Time (s) and peak memory per phase\n\n")
+        out.append(
+            "`data` is 0 where the calibration set came from the grid's cache (generation "
+            "is timed once per set, below).\n\n"
+        )
+        cost = _cost_rows(cells)
+        out.append(markdown_table(cost, list(cost[0]), digits=1))
+        if record.get("environment"):
+            out.append(environment_footer(record["environment"]))
+    generation = (_load(RESULTS / "generation.json") or {}).get("sets", [])
+    if generation:
+        out.append("\n## Generation\n\n")
+        out.append(markdown_table(generation, list(generation[0]), digits=2))
+    default = _load(RESULTS / "default_pipeline.json")
+    out.append("\n## The default pipeline\n\n")
+    if default is None:
+        out.append("Not measured yet: `python benchmarks/imagenet.py --part default`.\n")
+    else:
+        call = default["call"]
+        verdict = "within" if default["minutes"] <= default["target_minutes"] else "OVER"
+        out.append(
+            f"`apply(efficientnet_lite0, {call['toolkit']!r}, {call['spec']!r}, "
+            f"data={call['data']!r}, reconstruct={call['reconstruct']!r})`, no other "
+            f"argument: **{default['minutes']:.1f} minutes**, {verdict} the "
+            f"{default['target_minutes']:.0f}-minute target. The `auto` budget chose "
+            f"{default['num_samples']} images, {default['generation']['iterations']} "
+            f"generation steps per batch of {default['generation']['batch_size']} "
+            f"({default['generation']['images_per_s']:.3f} images/s), and "
+            f"{default['reconstruction']['iterations_per_block']} steps of batch "
+            f"{default['reconstruction']['batch_size']} for each of "
+            f"{default['reconstruction']['blocks']} blocks "
+            f"({default['reconstruction']['steps_per_s']:.2f} steps/s, block set-up "
+            "included).\n\n"
+        )
+        phases = [
+            {
+                "phase": phase,
+                "seconds": seconds,
+                "peak RSS MiB": default["peak_rss_mib"].get(phase),
+            }
+            for phase, seconds in default["timings_s"].items()
+        ]
+        out.append(markdown_table(phases, ["phase", "seconds", "peak RSS MiB"], digits=1))
+        out.append(
+            f"\nOn the {default['num_test']} evaluation images: top-1 {default['top1']:.2f}%, "
+            f"agreement with FP32 {default['agreement']:.2f}%, KL {default['kl']:.4f}.\n"
+        )
+        out.append(environment_footer(default["environment"]))
+    out.append(
+        "\n## GPU\n\nNo GPU was available to the sessions that made this page: the papers' "
+        "budgets (`paper`) on CUDA have not been measured.\n"
+    )
+    return "".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--imagenet-dir", default=None, help=f"the labelled image folder (default ${ENV_VAR})"
+    )
+    parser.add_argument(
+        "--part", choices=["all", *GRIDS, "default"], default="all", help="what to run"
+    )
+    parser.add_argument("--render-only", action="store_true", help="only rebuild the page")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.imagenet_dir:
+        os.environ[ENV_VAR] = str(Path(args.imagenet_dir).resolve())
+    if not args.render_only:
+        try:
+            folder = ImageNetSamples()
+        except ZSQError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        log.info("%d labelled images in %s", len(folder), folder.root)
+        torch.manual_seed(0)
+        for part, name in GRIDS.items():
+            if args.part in ("all", part):
+                config = GridConfig.from_toml(CONFIGS / f"{name}.toml")
+                run_grid(config, RESULTS / name, data_dir=DATA_DIR, progress=args.progress)
+        write_json(RESULTS / "generation.json", {"sets": _generation_rows(DATA_DIR)})
+        if args.part in ("all", "default"):
+            run_default_pipeline(RESULTS, args.progress)
+    for name in GRIDS.values():  # the grids' own pages, from every finished cell
+        if (RESULTS / name / "cells").is_dir():
+            config = GridConfig.from_toml(CONFIGS / f"{name}.toml")
+            run_grid(config, RESULTS / name, data_dir=DATA_DIR, progress=False, render_only=True)
+    write_text_atomic(PAGE, render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
