@@ -47,7 +47,13 @@ RESULTS = ROOT / "docs" / "results" / "imagenet"
 PAGE = ROOT / "docs" / "results" / "imagenet.md"
 CONFIGS = ROOT / "benchmarks" / "configs"
 GRIDS = {"grid": "imagenet", "genie-m": "imagenet_genie_m"}
-"""Part name -> grid config (benchmarks/configs/<name>.toml) and results folder."""
+"""Part name -> its grid config, benchmarks/configs/<name>.toml."""
+
+
+def grid_folder(part: str) -> Path:
+    """Where a part's grid writes its cells and pages."""
+    return RESULTS / part.replace("-", "_")
+
 DATA_DIR = ROOT / ".cache" / "imagenet-synthetic"
 """Synthetic sets shared by both grids (generated once per preset), outside docs/."""
 MODEL = "efficientnet_lite0"
@@ -170,7 +176,7 @@ def render() -> str:
         "(zsq_plugins.budgets); the default pipeline runs the library's defaults.\n",
     ]
     for part, name in GRIDS.items():
-        record = _load(RESULTS / name / "results.json")
+        record = _load(grid_folder(part) / "results.json")
         if record is None:
             out.append(f"\n## {part}\n\nNot measured yet: `python benchmarks/imagenet.py "
                        f"--part {part}`.\n")  # fmt: skip
@@ -178,7 +184,7 @@ def render() -> str:
         cells = record["cells"]
         fp32 = next((c["fp32_top1"] for c in cells if c.get("fp32_top1") is not None), None)
         out.append(
-            f"\n## {part}: [accuracy tables]({'imagenet/' + name}/results.md)\n\n"
+            f"\n## {part}: [accuracy tables](imagenet/{grid_folder(part).name}/results.md)\n\n"
             f"{len(cells)} cells finished; FP32 top-1 on the evaluation images: "
             f"{fp32:.2f}%.\n\n"
             if fp32 is not None
@@ -275,14 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         for part, name in GRIDS.items():
             if args.part in ("all", part):
                 config = GridConfig.from_toml(CONFIGS / f"{name}.toml")
-                run_grid(config, RESULTS / name, data_dir=DATA_DIR, progress=args.progress)
+                run_grid(config, grid_folder(part), data_dir=DATA_DIR, progress=args.progress)
         write_json(RESULTS / "generation.json", {"sets": _generation_rows(DATA_DIR)})
         if args.part in ("all", "default"):
             run_default_pipeline(RESULTS, args.progress)
-    for name in GRIDS.values():  # the grids' own pages, from every finished cell
-        if (RESULTS / name / "cells").is_dir():
+    for part, name in GRIDS.items():  # the grids' own pages, from every finished cell
+        if (grid_folder(part) / "cells").is_dir():
             config = GridConfig.from_toml(CONFIGS / f"{name}.toml")
-            run_grid(config, RESULTS / name, data_dir=DATA_DIR, progress=False, render_only=True)
+            run_grid(config, grid_folder(part), data_dir=DATA_DIR, progress=False, render_only=True)
     write_text_atomic(PAGE, render())
     return 0
 
