@@ -175,7 +175,7 @@ def render() -> str:
         "`overflow_fix = false`) with 256 calibration images and the `auto` budget "
         "(zsq_plugins.budgets); the default pipeline runs the library's defaults.\n",
     ]
-    for part, name in GRIDS.items():
+    for part in GRIDS:
         record = _load(grid_folder(part) / "results.json")
         if record is None:
             out.append(f"\n## {part}\n\nNot measured yet: `python benchmarks/imagenet.py "

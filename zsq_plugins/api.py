@@ -230,7 +230,7 @@ def apply(
     zero-shot), or your own Dataset, DataLoader or tensor of images, of which the first
     ``num_samples`` are used (a DataLoader is read batch by batch up to that many; the steps
     after calibration hold those images, never more). ``num_samples`` defaults to 1,024
-    images, fewer (down to 256) for models that cost more per image than the Fashion-MNIST
+    images, fewer (down to 128) for models that cost more per image than the Fashion-MNIST
     zoo models (the ``auto`` budget, zsq_plugins.budgets).
 
     ``reconstruct`` names a reconstruction preset (``adaround``, ``brecq``, ``qdrop``,

@@ -6,9 +6,10 @@ multiply-accumulates per image. A 224 px ImageNet CNN costs 10 to 100 times more
 and the same budgets would take many hours on a CPU. ``auto`` keeps the ``cpu`` budget for
 models up to the reference cost and, above it, bounds the compute of each phase:
 
-- images: ``1024 x REFERENCE_MACS / macs``, between 256 and 1,024 (a multiple of 32);
+- images: ``1024 x REFERENCE_MACS / macs``, between 128 and 1,024 (a multiple of 32);
 - generation steps per batch: as many as ``GENERATION_MACS`` allows for those images
-  (``GENERATION_MACS / (images x macs)``), between ``MIN_GENERATION_STEPS`` and the preset's
+  (``GENERATION_MACS / (images x (macs + generator macs))``: Genie's generator costs three
+  times EfficientNet-Lite0 at 224 px), between ``MIN_GENERATION_STEPS`` and the preset's
   ``cpu`` count;
 - reconstruction steps per block: as many as ``RECONSTRUCTION_MACS`` allows at the preset's
   batch size (``RECONSTRUCTION_MACS / (batch x macs)``), between ``MIN_RECONSTRUCTION_STEPS``
@@ -39,8 +40,8 @@ from zsq_plugins.errors import UnsupportedModelError
 
 REFERENCE_MACS = 32_000_000
 """Forward MACs per image up to which ``auto`` is the ``cpu`` budget (resnet20_fmnist: 31 M)."""
-MAX_IMAGES, MIN_IMAGES = 1024, 256
-GENERATION_MACS = 4.0e12
+MAX_IMAGES, MIN_IMAGES = 1024, 128
+GENERATION_MACS = 5.0e12
 """Forward MACs of the generation phase (images x steps x macs) above the reference cost."""
 RECONSTRUCTION_MACS = 1.6e12
 """Forward MACs of one block's steps (steps x batch x macs) above the reference cost."""
@@ -108,11 +109,14 @@ class AutoBudget:
     scaled: bool
     """Whether the model costs more than the reference (False: the ``cpu`` budget)."""
 
-    def generation_steps(self, cpu_steps: int, images: int | None = None) -> int:
-        """Steps per batch for generating ``images`` (default ``self.images``)."""
+    def generation_steps(
+        self, cpu_steps: int, images: int | None = None, source_macs: int = 0
+    ) -> int:
+        """Steps per batch for generating ``images`` (default ``self.images``), each step
+        running the model and an image source (Genie's generator) of ``source_macs``."""
         if not self.scaled:
             return cpu_steps
-        affordable = int(GENERATION_MACS / ((images or self.images) * self.macs))
+        affordable = int(GENERATION_MACS / ((images or self.images) * (self.macs + source_macs)))
         return max(MIN_GENERATION_STEPS, min(cpu_steps, affordable))
 
     def generation_batch(self, cpu_batch: int) -> int:
@@ -127,11 +131,14 @@ class AutoBudget:
         affordable = int(RECONSTRUCTION_MACS / (batch_size * self.macs))
         return max(MIN_RECONSTRUCTION_STEPS, min(cpu_steps, affordable))
 
-    def scale_synthesis(self, config: Config, images: int, fixed: Collection[str] = ()) -> Config:
+    def scale_synthesis(
+        self, config: Config, images: int, fixed: Collection[str] = (), source_macs: int = 0
+    ) -> Config:
         """A generator's ``cpu`` configuration with the steps and batch of this budget for
-        ``images`` images; the fields named in ``fixed`` (set by the caller) are kept."""
+        ``images`` images made with an image source of ``source_macs`` per image; the
+        fields named in ``fixed`` (set by the caller) are kept."""
         changes = {
-            "iterations": self.generation_steps(config.iterations, images),
+            "iterations": self.generation_steps(config.iterations, images, source_macs),
             "batch_size": self.generation_batch(config.batch_size),
         }
         return config.replace(**{k: v for k, v in changes.items() if k not in fixed})

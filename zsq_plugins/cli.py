@@ -24,7 +24,7 @@ BUDGET_HELP = (
     "auto (default): the cpu budget, with fewer images and steps for models that cost more "
     "per image than the Fashion-MNIST zoo models; cpu; or paper (the papers' budgets)"
 )
-NUM_SAMPLES_HELP = "calibration images (default: 1024, fewer down to 256 for costly models)"
+NUM_SAMPLES_HELP = "calibration images (default: 1024, fewer down to 128 for costly models)"
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:

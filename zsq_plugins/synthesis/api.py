@@ -31,6 +31,7 @@ from zsq_plugins.synthesis.model_info import (
     input_domain,
     model_fingerprint,
 )
+from zsq_plugins.synthesis.parameterization import generator_macs
 from zsq_plugins.synthesis.presets import get_preset, presets_without_batchnorm
 
 log = logging.getLogger(__name__)
@@ -171,8 +172,11 @@ def synthesize(
         num_classes = check_input_shape(model, shape, device)
     optimized = config.parameterization is not Parameterization.NOISE
     if Budget.parse(budget) is Budget.AUTO and optimized:
+        source_macs = 0
+        if config.parameterization is Parameterization.GENERATOR:
+            source_macs = generator_macs(config.latent_dim, shape, config.generator_channels)
         config = auto_budget(model_macs(model, shape)).scale_synthesis(
-            config, num_samples, fixed=overrides
+            config, num_samples, fixed=overrides, source_macs=source_macs
         )
     sizes = batch_sizes(num_samples, config.batch_size)
     identity = {

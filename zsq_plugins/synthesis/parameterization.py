@@ -48,6 +48,16 @@ class LatentGenerator(nn.Module):
         return self.body(self.linear(latents).view(-1, *self.start))
 
 
+def generator_macs(latent_dim: int, shape: tuple[int, ...], channels: tuple[int, int]) -> int:
+    """Forward multiply-accumulates of ``LatentGenerator`` per image: at 224 px its two convs
+    cost three times an EfficientNet-Lite0, so a budget must count them."""
+    out_channels, height, width = shape
+    wide, narrow = channels
+    linear = latent_dim * wide * max(1, height // 4) * max(1, width // 4)
+    middle = max(1, height // 2) * max(1, width // 2) * narrow * wide * 9
+    return linear + middle + height * width * out_channels * narrow * 9
+
+
 class ImageSource:
     """Base: holds the optimizers and schedules of one batch's parameters."""
 
