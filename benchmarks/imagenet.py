@@ -54,6 +54,7 @@ def grid_folder(part: str) -> Path:
     """Where a part's grid writes its cells and pages."""
     return RESULTS / part.replace("-", "_")
 
+
 DATA_DIR = ROOT / ".cache" / "imagenet-synthetic"
 """Synthetic sets shared by both grids (generated once per preset), outside docs/."""
 MODEL = "efficientnet_lite0"
@@ -190,17 +191,11 @@ def render() -> str:
             if fp32 is not None
             else f"\n## {part}\n\n"
         )
-        out.append("### Top-1 (%) per cell\n\n")
-        out.append(
-            markdown_table(
-                [
-                    {k: c[k] for k in ("data", "spec", "toolkit", "top1", "agreement", "kl")}
-                    for c in cells
-                ],
-                ["data", "spec", "toolkit", "top1", "agreement", "kl"],
-                digits=2,
-            )
-        )
+        out.append("### Top-1 (%), agreement with FP32 (%) and KL to FP32 per cell\n\n")
+        columns = ["data", "spec", "toolkit", "top1", "agreement", "kl"]
+        reference = {"data": "FP32", "spec": "-", "toolkit": "-", "top1": fp32}
+        rows = [reference] + [{k: c[k] for k in columns} for c in cells]
+        out.append(markdown_table(rows, columns, digits=2))
         out.append("\n### Time (s) and peak memory per phase\n\n")
         out.append(
             "`data` is 0 where the calibration set came from the grid's cache (generation "

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from zsq_plugins.adapter import installed_adapters
-from zsq_plugins.compare import GridConfig, in_grid_order, run_grid, spec_order
+from zsq_plugins.compare import GridConfig, run_grid
+from zsq_plugins.grid_order import in_grid_order, spec_order
 from zsq_plugins.reporting import environment_footer, markdown_table, write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -30,8 +30,9 @@ from setting import literature_spec
 from synthetic_cache import cached_synthesize
 
 from zsq_plugins import apply, evaluate, zoo
-from zsq_plugins.compare import reconstruction_config, same_reconstruction, spec_order
+from zsq_plugins.compare import reconstruction_config, same_reconstruction
 from zsq_plugins.datasets import calibration_subset, fashion_mnist
+from zsq_plugins.grid_order import spec_order
 from zsq_plugins.reporting import (
     environment_footer,
     environment_info,

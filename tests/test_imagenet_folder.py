@@ -2,6 +2,7 @@
 is needed or read by these tests."""
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -124,3 +125,25 @@ def test_grid_calibrates_real_on_the_pool_and_evaluates_on_the_rest(folder, monk
     too_many = GridConfig(**{**config.to_dict(), "num_samples": 3})
     with pytest.raises(Exception, match="exceeds the ImageNet calibration pool"):
         calibration_images("efficientnet_lite0", "real", too_many, folder, progress=False)
+
+
+def test_compare_takes_the_folder_on_the_command_line(folder, tmp_path, monkeypatch, capsys):
+    from zsq_plugins.cli import main
+
+    monkeypatch.delenv("ZSQ_IMAGENET_DIR", raising=False)
+    config = tmp_path / "grid.toml"
+    config.write_text(
+        '[grid]\nmodels = ["efficientnet_lite0"]\ntoolkits = ["fx"]\ndata = ["real"]\n'
+        'specs = ["W8A8"]\nnum_samples = 2\nimagenet_folder = true\n'
+    )
+    out = tmp_path / "out"
+    missing = ["compare", str(config), "--out", str(out), "--imagenet-dir", str(tmp_path / "no")]
+    assert main(missing) == 2
+    assert "does not exist" in capsys.readouterr().err and not out.exists()
+    assert (
+        main(
+            ["compare", str(config), "--out", str(out), "--dry-run", "--imagenet-dir", str(folder)]
+        )
+        == 0
+    )
+    assert os.environ["ZSQ_IMAGENET_DIR"] == str(folder.resolve())

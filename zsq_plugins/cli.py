@@ -138,6 +138,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from zsq_plugins.compare import GridConfig
 
     config = GridConfig.from_toml(args.config)
+    if args.imagenet_dir is not None:
+        from zsq_plugins.datasets.imagenet import ENV_VAR, imagenet_dir
+
+        os.environ[ENV_VAR] = str(imagenet_dir(args.imagenet_dir).resolve())
     only = _parse_only(args.only)
     try:
         cells = config.select(only)
@@ -348,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", default=None, help="where synthetic sets are cached (default OUT/data)"
     )
     compare.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
+    compare.add_argument(
+        "--imagenet-dir",
+        default=None,
+        help="labelled ImageNet images (<wnid>_<name>.JPEG) for a grid with imagenet_folder = "
+        "true (default $ZSQ_IMAGENET_DIR)",
+    )
     compare.add_argument(
         "--only",
         action="append",

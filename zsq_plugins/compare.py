@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ else:  # pragma: no cover - Python 3.10
 from zsq_plugins.budgets import auto_budget, model_macs
 from zsq_plugins.configio import Budget, check_fields, to_json_dict
 from zsq_plugins.errors import CacheMismatchError, ZSQError
+from zsq_plugins.grid_order import in_grid_order, spec_order
 from zsq_plugins.reconstruction.config import same_result_fields
 from zsq_plugins.reconstruction.presets import RECONSTRUCTIONS
 from zsq_plugins.reconstruction.routine import ROUTINE_REVISION
@@ -674,22 +675,6 @@ def _stored_record(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError:
         log.warning("%s is damaged; it is written again", path)
         return {}
-
-
-def spec_order(label: str) -> tuple[int, int]:
-    """Sort key putting specs from most to fewest bits (total, then activation bits), the
-    order of every table row and plot axis."""
-    spec = QuantSpec.parse(label)
-    return -(spec.weight_bits + spec.act_bits), -spec.act_bits
-
-
-def in_grid_order(values: Iterable[str], grid: Sequence[str] = ()) -> list[str]:
-    """The distinct ``values``: those the grid lists first, in its order, then any others as
-    they come. A column's place must not depend on which cells have finished: the grid's
-    cells vary the toolkit fastest, so with the first spec's nncf cell still missing, first
-    appearance would put nncf last. (Data sources vary slowest: rows keep their order.)"""
-    present = dict.fromkeys(values)
-    return [v for v in grid if v in present] + [v for v in present if v not in grid]
 
 
 METRICS = {

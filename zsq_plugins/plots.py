@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from zsq_plugins.compare import in_grid_order, spec_order
 from zsq_plugins.errors import MissingDependencyError
+from zsq_plugins.grid_order import in_grid_order, spec_order
 
 
 class MissingPlotting(MissingDependencyError):

@@ -67,6 +67,21 @@ def _mapped_tensor(
         os.unlink(name)
 
 
+def cache_tensor(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    cache: BlockInputCache,
+    directory: Path | None = None,
+) -> torch.Tensor:
+    """An uninitialized tensor to hold one value per calibration image, in RAM or (``disk``,
+    or ``auto`` above ``AUTO_MEMORY_LIMIT`` bytes) in a memory-mapped temporary file."""
+    size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    on_disk = cache is BlockInputCache.DISK or (
+        cache is BlockInputCache.AUTO and size > AUTO_MEMORY_LIMIT
+    )
+    return _mapped_tensor(shape, dtype, directory) if on_disk else torch.empty(shape, dtype=dtype)
+
+
 class BlockRunner:
     """Runs the toolkit's ``model`` on images ``index`` up to ``point`` (None: the output),
     through the block that starts at ``first_layer``."""
@@ -136,14 +151,7 @@ class BlockRunner:
         with torch.no_grad(), capture_at(self.model, self.first_layer) as store:
             first = run_to(self.model, self.images[:batch_size], store).detach()
             shape = (len(self.images), *first.shape[1:])
-            size = torch.Size(shape).numel() * first.element_size()
-            on_disk = self.cache is BlockInputCache.DISK or (
-                self.cache is BlockInputCache.AUTO and size > AUTO_MEMORY_LIMIT
-            )
-            if on_disk:
-                inputs = _mapped_tensor(shape, first.dtype, cache_dir)
-            else:
-                inputs = torch.empty(shape, dtype=first.dtype)
+            inputs = cache_tensor(shape, first.dtype, self.cache, cache_dir)
             inputs[: len(first)] = first.cpu()
             for start in chunks[1:]:
                 value = run_to(self.model, self.images[start : start + batch_size], store)

@@ -72,8 +72,9 @@ class ReconstructionConfig:
     """Where the quantized prefix's output (the block's input) is kept while a block learns:
     ``memory``, ``disk`` (a memory-mapped temporary file), ``auto`` (memory up to 1 GiB per
     block, disk above: block_inputs.AUTO_MEMORY_LIMIT) or ``off`` (the prefix runs on every
-    step, as a plain BRECQ loop does). Caching changes no result, only time and memory:
-    BRECQ's and QDrop's code cache block inputs the same way."""
+    step, as a plain BRECQ loop does). The FP targets of the block are kept the same way
+    (``off``: as ``auto``). Caching changes no result, only time and memory: BRECQ's and
+    QDrop's code cache block inputs the same way."""
 
     def __post_init__(self) -> None:
         try:

@@ -39,7 +39,7 @@ from zsq_plugins.quant.clipping import clip_activations
 from zsq_plugins.quant.fold import fold_batchnorm
 from zsq_plugins.quant.weight_clipping import init_weight_steps
 from zsq_plugins.reconstruction.assignment import activation_quantizers_by_block
-from zsq_plugins.reconstruction.block_inputs import BlockInputCache, BlockRunner
+from zsq_plugins.reconstruction.block_inputs import BlockInputCache, BlockRunner, cache_tensor
 from zsq_plugins.reconstruction.blocks import Block, find_blocks, output_points
 from zsq_plugins.reconstruction.checkpoint import ReconstructionCheckpoint, checkpoint_identity
 from zsq_plugins.reconstruction.config import ReconstructionConfig
@@ -286,6 +286,24 @@ def reconstruct_block(
     )
 
 
+def _targets(
+    folded: nn.Module, point: str | None, images: torch.Tensor, cache: BlockInputCache
+) -> torch.Tensor:
+    """The FP model's value at ``point`` for every image, kept where block inputs are (a
+    224 px model's early targets for 1,024 images hold gigabytes)."""
+    chunk = 256
+    with torch.no_grad(), capture_at(folded, point) as store:
+        first = run_to(folded, images[:chunk], store).detach()
+        if cache is BlockInputCache.OFF:
+            cache = BlockInputCache.AUTO  # targets are needed on every step either way
+        targets = cache_tensor((len(images), *first.shape[1:]), first.dtype, cache)
+        targets[: len(first)] = first.cpu()
+        for start in range(chunk, len(images), chunk):
+            value = run_to(folded, images[start : start + chunk], store).detach()
+            targets[start : start + len(value)] = value.cpu()
+    return targets.to(images.device)
+
+
 def reconstruct(
     quantized: QuantizedModel,
     fp_model: nn.Module,
@@ -344,13 +362,7 @@ def reconstruct(
             if index < len(restored):
                 continue
             point = points[index]
-            with torch.no_grad(), capture_at(folded, point) as store:
-                targets = torch.cat(
-                    [
-                        run_to(folded, images[i : i + 256], store).detach()
-                        for i in range(0, len(images), 256)
-                    ]
-                )
+            targets = _targets(folded, point, images, config.block_inputs)
             report = reconstruct_block(
                 quantized,
                 block,

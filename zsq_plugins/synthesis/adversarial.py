@@ -4,11 +4,12 @@ the FP model disagree most, alternating with the toolkit's calibration on them.
 ZAQ (Liu et al., CVPR 2021) alternates a generator that maximizes the two-level discrepancy
 between the FP and the quantized model with training of the quantized model that minimizes it.
 Here the minimizing player is post-training calibration instead of training: each round, the
-toolkit calibrates (``apply``, with accurate activation clipping) on every image generated so
-far, and the next batch of images is distilled against *that* quantized model. The first
-round calibrates on a seed set (``seed_preset``, Gaussian noise by default, so no BatchNorm is
-needed anywhere). The quantized model is reached only through ``apply`` and the toolkit's own
-model, so the same loop runs in every toolkit.
+toolkit calibrates (its adapter, then accurate activation clipping, as ``apply(...,
+aac=True)`` does) on every image generated so far, and the next batch of images is distilled
+against *that* quantized model. The first round calibrates on a seed set (``seed_preset``,
+Gaussian noise by default, so no BatchNorm is needed anywhere). The quantized model is
+reached only through the adapter and the toolkit's own model, so the same loop runs in
+every toolkit.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from zsq_plugins.adapter import get_adapter
 from zsq_plugins.configio import Budget
+from zsq_plugins.quant.clipping import clip_activations
 from zsq_plugins.spec import QuantSpec
-from zsq_plugins.synthesis.api import synthesize
+from zsq_plugins.synthesis.api import calibration_loader, synthesize
 from zsq_plugins.synthesis.artifact import SyntheticDataset
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,17 @@ log = logging.getLogger(__name__)
 DEFAULT_ROUNDS = 4
 """Rounds of (calibrate, generate): the first generates the seed set; each later one a
 quarter of the images against the model calibrated on all images so far."""
+CALIBRATION_BATCH = 32
+
+
+def calibrated_opponent(
+    model: nn.Module, toolkit: str, spec: QuantSpec, images: torch.Tensor, seed: int
+) -> nn.Module:
+    """The toolkit's model calibrated on ``images``, with accurate activation clipping."""
+    loader = calibration_loader(images, batch_size=CALIBRATION_BATCH)
+    quantized = get_adapter(toolkit).quantize(model.eval(), spec, loader, images[:2])
+    clip_activations(quantized, images, seed=seed)
+    return quantized.model
 
 
 def adversarial_synthesize(
@@ -52,8 +66,6 @@ def adversarial_synthesize(
     set, then ``rounds - 1`` sets each distilled against the toolkit's model calibrated on all
     the images before it. With ``cache_dir``, each round's set is cached under it (a resumed
     run reuses finished rounds: the same calibration gives the same opponent)."""
-    from zsq_plugins.api import apply  # api imports synthesis; import here to avoid a cycle
-
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 2:
         raise ValueError(
             f"rounds must be an integer >= 2 (a seed round and one more), got {rounds!r}"
@@ -81,7 +93,7 @@ def adversarial_synthesize(
     manifests = [parts[0].manifest]
     for index in range(1, rounds):
         pool = torch.cat([part.images for part in parts])
-        opponent, _ = apply(model, toolkit, spec, data=pool, aac=True, seed=seed, progress=False)
+        opponent = calibrated_opponent(model, toolkit, spec, pool, seed)
         part = synthesize(
             model,
             sizes[index],
