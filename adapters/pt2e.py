@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from zsq_plugins.adapter import QuantizedModel, QuantizerKind
-from zsq_plugins.adapters.torch_fx import FakeQuantizeHandle, calibrate
+from zsq_plugins.adapters.fake_quantize import FakeQuantizeHandle, calibrate
 from zsq_plugins.quant.export import ContainerFakeQuantize, bake_weight
 from zsq_plugins.quant.fakequant import integer_range
 from zsq_plugins.quant.fold import float_graph

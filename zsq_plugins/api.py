@@ -38,8 +38,6 @@ from zsq_plugins.synthesis.presets import get_preset
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CALIBRATION_BATCH = 32
-
 
 @dataclasses.dataclass
 class ApplyReport:
@@ -159,13 +157,13 @@ def _calibration_batches(
             )
         else:
             dataset = synthesize(model, num_samples, data, seed, **synthesis)
-        return calibration_loader(dataset, batch_size=DEFAULT_CALIBRATION_BATCH), data, len(dataset)
+        return calibration_loader(dataset), data, len(dataset)
     source = type(data).__name__
     if isinstance(data, torch.Tensor):
         data = data[:num_samples]
     elif len(data) > num_samples:  # type: ignore[arg-type]
         data = torch.utils.data.Subset(data, range(num_samples))
-    loader = calibration_loader(data, batch_size=DEFAULT_CALIBRATION_BATCH)
+    loader = calibration_loader(data)
     return loader, source, len(loader.dataset)  # type: ignore[arg-type]
 
 

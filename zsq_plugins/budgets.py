@@ -15,15 +15,16 @@ models up to the reference cost and, above it, bounds the compute of each phase:
   batch size (``RECONSTRUCTION_MACS / (batch x macs)``), between ``MIN_RECONSTRUCTION_STEPS``
   and the ``cpu`` count;
 - generation batch: at most ``GENERATION_BATCH_MACS / macs`` images (a power of 2, at least
-  16), so
-  that a 224 px model's activations and gradients fit in a few GiB.
+  16), so that a 224 px model's activations and gradients fit in a few GiB.
 
 The cost is the forward multiply-accumulates of the model's convolutions and linear layers
-on one image (``model_macs``): every synthesis and reconstruction step is dominated by them.
-The caps were measured to keep ``apply(efficientnet_lite0, "fx", "W4A8", data="genie",
-reconstruct="genie-m")`` within 45 minutes on 2 CPU threads (benchmarks/imagenet.py records
-each phase). The same cost gives the same budget on every machine, so results do not
-depend on how fast the machine that made them was; on a GPU, ask for ``paper``.
+on one image (``model_macs``). It is a proxy: a reconstruction step on a model with large
+early activations (depthwise convolutions at 112 px) also spends much time on elementwise
+fake quantization, which MACs do not count. The caps were measured to keep
+``apply(efficientnet_lite0, "fx", "W4A8", data="genie", reconstruct="genie-m")`` within 45
+minutes on 2 CPU threads (benchmarks/imagenet.py records each phase). The same cost gives
+the same budget on every machine, so results do not depend on how fast the machine that made
+them was; on a GPU, ask for ``paper``.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ REFERENCE_MACS = 32_000_000
 """Forward MACs per image up to which ``auto`` is the ``cpu`` budget (resnet20_fmnist: 31 M)."""
 MAX_IMAGES, MIN_IMAGES = 1024, 128
 GENERATION_MACS = 5.0e12
-"""Forward MACs of the generation phase (images x steps x macs) above the reference cost."""
+"""Forward MACs of the generation phase (images x steps x (model + generator macs)) above the
+reference cost: about 15 minutes for EfficientNet-Lite0 on 2 CPU threads."""
 RECONSTRUCTION_MACS = 1.6e12
-"""Forward MACs of one block's steps (steps x batch x macs) above the reference cost."""
+"""Forward MACs of each block's steps (steps x batch x macs) above the reference cost: about
+20 minutes of reconstruction for EfficientNet-Lite0 on 2 CPU threads."""
 GENERATION_BATCH_MACS = 25.0e9
 """Forward MACs of one generation batch (batch x macs) above the reference cost."""
 MIN_GENERATION_STEPS = 20

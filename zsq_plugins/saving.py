@@ -43,11 +43,11 @@ from zsq_plugins.adapter import (
     get_adapter,
     quantize_with_options,
 )
+from zsq_plugins.checksums import sha256_of
 from zsq_plugins.configio import is_jsonable
 from zsq_plugins.errors import CacheMismatchError, ChecksumMismatchError, ZSQError
 from zsq_plugins.reporting import library_versions, write_json
 from zsq_plugins.spec import QuantSpec
-from zsq_plugins.zoo.registry import sha256_of
 
 if TYPE_CHECKING:
     from zsq_plugins.api import ApplyReport

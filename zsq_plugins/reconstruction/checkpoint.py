@@ -27,9 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from zsq_plugins.checksums import sha256_of
 from zsq_plugins.errors import CacheMismatchError, ChecksumMismatchError
 from zsq_plugins.reporting import library_versions, write_json
-from zsq_plugins.zoo.registry import sha256_of
 
 log = logging.getLogger(__name__)
 

@@ -34,14 +34,13 @@ log = logging.getLogger(__name__)
 DEFAULT_ROUNDS = 4
 """Rounds of (calibrate, generate): the first generates the seed set; each later one a
 quarter of the images against the model calibrated on all images so far."""
-CALIBRATION_BATCH = 32
 
 
 def calibrated_opponent(
     model: nn.Module, toolkit: str, spec: QuantSpec, images: torch.Tensor, seed: int
 ) -> nn.Module:
     """The toolkit's model calibrated on ``images``, with accurate activation clipping."""
-    loader = calibration_loader(images, batch_size=CALIBRATION_BATCH)
+    loader = calibration_loader(images)
     quantized = get_adapter(toolkit).quantize(model.eval(), spec, loader, images[:2])
     clip_activations(quantized, images, seed=seed)
     return quantized.model

@@ -36,6 +36,9 @@ from zsq_plugins.synthesis.presets import get_preset, presets_without_batchnorm
 
 log = logging.getLogger(__name__)
 
+CALIBRATION_BATCH = 32
+"""Images per batch of ``calibration_loader``, and of every toolkit calibration it feeds."""
+
 
 class _MemoryStore:
     """The in-memory counterpart of ShardStore, for runs without a cache folder."""
@@ -266,7 +269,7 @@ def calibration_loader(
     source: nn.Module | Dataset[torch.Tensor] | torch.Tensor,
     num_samples: int = 1024,
     *,
-    batch_size: int = 32,
+    batch_size: int = CALIBRATION_BATCH,
     with_targets: bool = False,
     shuffle: bool = False,
     **synthesize_kwargs: Any,

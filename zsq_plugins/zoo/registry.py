@@ -8,7 +8,6 @@ weights (their SHA-256 and FP32 accuracy) live in ``weights/manifest.json``, whi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import json
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zsq_plugins.checksums import sha256_of
 from zsq_plugins.errors import ChecksumMismatchError, MissingDependencyError, ZSQError
 from zsq_plugins.registry import Registry
 from zsq_plugins.zoo.architectures import ARCHITECTURES
@@ -65,14 +65,6 @@ class ModelCard:
     """FP32 top-1 (%) on the dataset's evaluation set, from the manifest."""
     published_top1_source: str = "measured by scripts/publish_zoo.py with zsq_plugins.evaluate"
     sha256: str | None = None
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @cache
