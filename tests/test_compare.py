@@ -180,6 +180,23 @@ def test_cell_reconstructed_with_a_changed_preset_runs_again(tmp_path, monkeypat
     stale.write_text(json.dumps(result))
     run_grid(config, tmp_path, progress=False, plots=False)
     assert calls[2:] == ["resnet20_fmnist__fx__real__W4A4__genie-m"]
+    # Where block inputs were kept changes time and memory, never the result: not stale.
+    result["reconstruction_config"] = {**current, "block_inputs": "disk"}
+    stale.write_text(json.dumps(result))
+    run_grid(config, tmp_path, progress=False, plots=False)
+    assert len(calls) == 3
+
+
+def test_auto_reconstruction_config_follows_the_model_cost():
+    from zsq_plugins.budgets import auto_budget
+
+    cpu = compare.reconstruction_config("genie-m", "cpu")
+    costly = compare.reconstruction_config("genie-m", "auto", macs=400_000_000)
+    assert costly["iterations"] == auto_budget(400_000_000).reconstruction_steps(800, 32) < 800
+    assert {**costly, "iterations": cpu["iterations"]} == cpu
+    assert compare.reconstruction_config("genie-m", "auto", macs=1_000_000) == cpu
+    with pytest.raises(ValueError, match="macs"):
+        compare.reconstruction_config("genie-m", "auto")
 
 
 def test_adversarial_data_are_made_per_toolkit_and_spec(tmp_path, monkeypatch):
