@@ -128,10 +128,10 @@ def test_grid_resumes_and_refuses_another_protocol(tmp_path, monkeypatch):
         top1 = 90.0 + len(calls)
         return {**cell.__dict__, "top1": top1, "fp32_top1": 93.92, "num_test": 200, "timings_s": {}}
 
-    monkeypatch.setattr(compare, "run_cell", fake_cell)
-    monkeypatch.setattr(compare, "calibration_images", lambda *a, **k: None)
-    monkeypatch.setattr(compare, "evaluation_data", lambda *a, **k: None)
-    monkeypatch.setattr(compare, "fp32_top1", lambda *a, **k: 93.0)
+    monkeypatch.setattr(compare.runner, "run_cell", fake_cell)
+    monkeypatch.setattr(compare.runner, "calibration_images", lambda *a, **k: None)
+    monkeypatch.setattr(compare.runner, "evaluation_data", lambda *a, **k: None)
+    monkeypatch.setattr(compare.runner, "fp32_top1", lambda *a, **k: 93.0)
     config = small()
     with pytest.raises(KeyboardInterrupt):
         run_grid(config, tmp_path, progress=False, plots=False)
@@ -165,10 +165,10 @@ def test_cell_reconstructed_with_a_changed_preset_runs_again(tmp_path, monkeypat
             "reconstruction_config": current if cell.reconstruct == "genie-m" else None,
         }
 
-    monkeypatch.setattr(compare, "run_cell", fake_cell)
-    monkeypatch.setattr(compare, "calibration_images", lambda *a, **k: None)
-    monkeypatch.setattr(compare, "evaluation_data", lambda *a, **k: None)
-    monkeypatch.setattr(compare, "fp32_top1", lambda *a, **k: 93.0)
+    monkeypatch.setattr(compare.runner, "run_cell", fake_cell)
+    monkeypatch.setattr(compare.runner, "calibration_images", lambda *a, **k: None)
+    monkeypatch.setattr(compare.runner, "evaluation_data", lambda *a, **k: None)
+    monkeypatch.setattr(compare.runner, "fp32_top1", lambda *a, **k: 93.0)
     config = small(specs=["W4A4"], reconstruct=["none", "genie-m"])
     run_grid(config, tmp_path, progress=False, plots=False)
     assert len(calls) == 2
@@ -208,10 +208,10 @@ def test_adversarial_data_are_made_per_toolkit_and_spec(tmp_path, monkeypatch):
     def fake_cell(cell, config, images, test, progress, fp32):
         return {**cell.__dict__, "top1": 90.0, "fp32_top1": 93.0, "num_test": 200, "timings_s": {}}
 
-    monkeypatch.setattr(compare, "run_cell", fake_cell)
-    monkeypatch.setattr(compare, "calibration_images", fake_images)
-    monkeypatch.setattr(compare, "evaluation_data", lambda *a, **k: None)
-    monkeypatch.setattr(compare, "fp32_top1", lambda *a, **k: 93.0)
+    monkeypatch.setattr(compare.runner, "run_cell", fake_cell)
+    monkeypatch.setattr(compare.runner, "calibration_images", fake_images)
+    monkeypatch.setattr(compare.runner, "evaluation_data", lambda *a, **k: None)
+    monkeypatch.setattr(compare.runner, "fp32_top1", lambda *a, **k: 93.0)
     toolkits = [t for t in ("fx", "brevitas") if t in installed_adapters()]
     config = small(
         data=["noise", "adversarial"], toolkits=toolkits, reconstruct=["none", "adaround"]
@@ -235,10 +235,10 @@ def test_parts_of_a_grid_share_one_folder(tmp_path, monkeypatch, capsys):
         calls.append(cell.key)
         return {**cell.__dict__, "top1": 90.0, "fp32_top1": 93.0, "num_test": 200, "timings_s": {}}
 
-    monkeypatch.setattr(compare, "run_cell", fake_cell)
-    monkeypatch.setattr(compare, "calibration_images", lambda *a, **k: None)
-    monkeypatch.setattr(compare, "evaluation_data", lambda *a, **k: None)
-    monkeypatch.setattr(compare, "fp32_top1", lambda *a, **k: 93.0)
+    monkeypatch.setattr(compare.runner, "run_cell", fake_cell)
+    monkeypatch.setattr(compare.runner, "calibration_images", lambda *a, **k: None)
+    monkeypatch.setattr(compare.runner, "evaluation_data", lambda *a, **k: None)
+    monkeypatch.setattr(compare.runner, "fp32_top1", lambda *a, **k: 93.0)
     config = small(data=["real", "noise"])
     rows = run_grid(config, tmp_path, progress=False, plots=False, only={"data": ["noise"]})
     assert calls == [
