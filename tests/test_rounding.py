@@ -141,3 +141,14 @@ def test_config_validation_and_round_trip():
         ReconstructionConfig(granularity="model")
     with pytest.raises(ValueError, match="unknown reconstruction option"):
         config.replace(lr=1.0)
+
+
+def test_the_bare_config_is_brecq_at_the_paper_budget():
+    """What ReconstructionConfig's docstring says; the entry points default to genie-m."""
+    import inspect
+
+    from zsq_plugins.reconstruction import RECONSTRUCTIONS, reconstruct
+
+    assert ReconstructionConfig() == RECONSTRUCTIONS.get("brecq").config("paper")
+    defaults = inspect.signature(reconstruct).parameters
+    assert (defaults["preset"].default, defaults["budget"].default) == ("genie-m", "auto")

@@ -26,6 +26,11 @@ def same_result_fields(config: dict[str, Any]) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ReconstructionConfig:
+    """The routine's configuration. ``ReconstructionConfig()`` is the ``brecq`` preset at the
+    ``paper`` budget; the entry points (``apply``, ``zsq_plugins.reconstruct``) default to
+    ``genie-m`` at the ``auto`` budget instead: start from
+    ``RECONSTRUCTIONS.get(name).config(budget)`` and ``replace`` what you change."""
+
     granularity: Granularity = Granularity.BLOCK
     """``layer`` reconstructs each conv/linear alone (AdaRound); ``block`` whole blocks (BRECQ)."""
     iterations: int = 20000

@@ -308,7 +308,7 @@ def reconstruct(
     quantized: QuantizedModel,
     fp_model: nn.Module,
     images: torch.Tensor,
-    config: ReconstructionConfig | None = None,
+    config: ReconstructionConfig,
     *,
     seed: int = 0,
     progress: bool = True,
@@ -320,7 +320,6 @@ def reconstruct(
     With ``checkpoint_dir``, the state after every block is saved there, and a run that finds
     a checkpoint of the same reconstruction (configuration, seed, images, toolkit model
     layout) resumes after its last finished block (checkpoint.py)."""
-    config = config or ReconstructionConfig()
     device = next((p.device for p in quantized.model.parameters()), torch.device("cpu"))
     images = images.to(device)  # runs where the toolkit's model lives (CPU or a GPU)
     folded = fold_batchnorm(fp_model).to(device)

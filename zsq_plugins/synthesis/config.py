@@ -40,6 +40,10 @@ class Distance(str, Enum):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SynthesisConfig:
+    """One generator's configuration. The field defaults are building blocks, each cited to
+    its source; ``SynthesisConfig()`` itself is no paper's method. Start from a preset
+    (``get_preset(name).config(budget)``, presets.py) and ``replace`` what you change."""
+
     parameterization: Parameterization = Parameterization.PIXELS
     iterations: int = 500
     """Optimization steps per batch. ZeroQ and DSG use 500; Genie uses 4000."""
