@@ -2,10 +2,10 @@
 ImageNet images.
 
     export ZSQ_IMAGENET_DIR=/path/to/imagenet-samples   # <wnid>_<name>.JPEG, one per class
-    python benchmarks/imagenet.py                    # every part (hours on 2 CPU threads)
+    python benchmarks/imagenet.py                    # every unfinished part (hours on 2 CPUs)
     python benchmarks/imagenet.py --part grid        # no reconstruction
     python benchmarks/imagenet.py --part genie-m     # W4A8 followed by genie-m
-    python benchmarks/imagenet.py --part default     # the default pipeline, timed
+    python benchmarks/imagenet.py --part default     # the default pipeline, timed (again)
     python benchmarks/imagenet.py --render-only      # the page from what is finished
 
 The folder is a set of labelled ImageNet images such as the public "one image per ImageNet
@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                 config = GridConfig.from_toml(CONFIGS / f"{name}.toml")
                 run_grid(config, grid_folder(part), data_dir=DATA_DIR, progress=args.progress)
         write_json(RESULTS / "generation.json", {"sets": _generation_rows(DATA_DIR)})
-        if args.part in ("all", "default"):
+        measured = (RESULTS / "default_pipeline.json").is_file()
+        if args.part == "default" or (args.part == "all" and not measured):
             run_default_pipeline(RESULTS, args.progress)
     for part, name in GRIDS.items():  # the grids' own pages, from every finished cell
         if (grid_folder(part) / "cells").is_dir():
