@@ -33,6 +33,7 @@ CORE = (
     "zsq_plugins.grid_order",
     "zsq_plugins.input_spec",
     "zsq_plugins.layers",
+    "zsq_plugins.onnx_calibration",
     "zsq_plugins.phases",
     "zsq_plugins.plots",
     "zsq_plugins.registry",
