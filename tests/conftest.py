@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 
@@ -99,6 +100,31 @@ def trained_no_bn_model() -> nn.Module:
         loss.backward()
         optimizer.step()
     return model.eval()
+
+
+@functools.cache
+def _trained_bn_model() -> nn.Module:
+    from zsq_plugins.layers import Normalize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Normalize((0.5,), (0.25,)), TinyConvNet())
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+    model.train()
+    for _ in range(300):
+        x = pseudo_images(64, generator)
+        loss = nn.functional.cross_entropy(model(x), quadrant_labels(x))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def trained_bn_model() -> nn.Module:
+    """TinyConvNet (with BatchNorm) trained on pseudo_images (quadrant_labels): its BN
+    statistics are those of its training data, as a pretrained model's are. A fresh copy of
+    one deterministic training run."""
+    return copy.deepcopy(_trained_bn_model())
 
 
 def calibration_error(model: nn.Module, data, spec: str = "W4A4", **options) -> float:
