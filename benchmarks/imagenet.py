@@ -50,6 +50,9 @@ GRIDS = {"grid": "imagenet", "genie-m": "imagenet_genie_m"}
 """Part name -> its grid config, benchmarks/configs/<name>.toml."""
 
 
+TITLES = {"grid": "No reconstruction", "genie-m": "W4A8, reconstructed with genie-m"}
+
+
 def grid_folder(part: str) -> Path:
     """Where a part's grid writes its cells and pages."""
     return RESULTS / part.replace("-", "_")
@@ -179,18 +182,18 @@ def render() -> str:
     for part in GRIDS:
         record = _load(grid_folder(part) / "results.json")
         if record is None:
-            out.append(f"\n## {part}\n\nNot measured yet: `python benchmarks/imagenet.py "
+            out.append(f"\n## {TITLES[part]}\n\nNot measured yet: `python benchmarks/imagenet.py "
                        f"--part {part}`.\n")  # fmt: skip
             continue
         cells = record["cells"]
         fp32 = next((c["fp32_top1"] for c in cells if c.get("fp32_top1") is not None), None)
-        out.append(
-            f"\n## {part}: [accuracy tables](imagenet/{grid_folder(part).name}/results.md)\n\n"
-            f"{len(cells)} cells finished; FP32 top-1 on the evaluation images: "
-            f"{fp32:.2f}%.\n\n"
-            if fp32 is not None
-            else f"\n## {part}\n\n"
-        )
+        link = f"imagenet/{grid_folder(part).name}/results.md"
+        out.append(f"\n## {TITLES[part]}: [accuracy tables]({link})\n\n")
+        if fp32 is not None:
+            out.append(
+                f"{len(cells)} cells finished; FP32 top-1 on the evaluation images: "
+                f"{fp32:.2f}%.\n\n"
+            )
         out.append("### Top-1 (%), agreement with FP32 (%) and KL to FP32 per cell\n\n")
         columns = ["data", "spec", "toolkit", "top1", "agreement", "kl"]
         reference = {"data": "FP32", "spec": "-", "toolkit": "-", "top1": fp32}
