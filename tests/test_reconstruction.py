@@ -200,3 +200,28 @@ def test_a_corrupted_checkpoint_says_so(tmp_path):
 def test_apply_refuses_a_checkpoint_without_reconstruction(tmp_path):
     with pytest.raises(TypeError, match="reconstruct_checkpoint need reconstruct="):
         apply(tiny_model("relu6"), data=torch.rand(4, 1, 8, 8), reconstruct_checkpoint=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"drop_probability": 0.0},  # QDrop's rate
+        {"weight_scale_lr": 0.0},  # Genie-M's learned weight steps
+        {"beta_start": 4.0},  # AdaRound's temperature schedule
+        {"rounding_weight": 0.0},  # AdaRound's regularizer
+    ],
+    ids=lambda change: next(iter(change)),
+)
+def test_each_ingredient_of_the_presets_changes_the_result(change):
+    """An option the routine ignored would leave the toolkit's model as it was."""
+    model = tiny_model("relu")
+    genie_m = FAST.replace(weight_scale_lr=1e-4)
+    states = []
+    for config in (genie_m, genie_m.replace(**change)):
+        quantized, data = quantize("fx", model, QuantSpec.parse("W2A4"))
+        reconstruct(quantized, model, torch.cat(data), config, progress=False)
+        weights = [h.scale() for h in quantized.weight_handles()]
+        states.append(torch.cat([w.flatten() for w in weights] + [
+            p.detach().flatten() for p in quantized.model.parameters()
+        ]))  # fmt: skip
+    assert not torch.equal(*states)
