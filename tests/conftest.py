@@ -78,6 +78,21 @@ def quadrant_labels(images: torch.Tensor) -> torch.Tensor:
     return images.unflatten(2, (2, 4)).unflatten(4, (2, 4)).mean((3, 5)).flatten(1).argmax(1)
 
 
+def _train_on_quadrants(model: nn.Module) -> nn.Module:
+    """300 Adam steps on pseudo_images and their quadrant_labels, in train mode (BatchNorm
+    statistics follow the data); returns the model in eval mode. Deterministic."""
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+    model.train()
+    for _ in range(300):
+        x = pseudo_images(64, generator)
+        loss = nn.functional.cross_entropy(model(x), quadrant_labels(x))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
 @functools.cache
 def trained_no_bn_model() -> nn.Module:
     """A small conv net without BatchNorm, trained on pseudo_images (quadrant_labels): its
@@ -91,15 +106,7 @@ def trained_no_bn_model() -> nn.Module:
         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(16 * 2 * 2, 4),
     )  # fmt: skip
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(300):
-        x = pseudo_images(64, generator)
-        loss = nn.functional.cross_entropy(model(x), quadrant_labels(x))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    return _train_on_quadrants(model)
 
 
 @functools.cache
@@ -108,16 +115,7 @@ def _trained_bn_model() -> nn.Module:
 
     torch.manual_seed(0)
     model = nn.Sequential(Normalize((0.5,), (0.25,)), TinyConvNet())
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
-    model.train()
-    for _ in range(300):
-        x = pseudo_images(64, generator)
-        loss = nn.functional.cross_entropy(model(x), quadrant_labels(x))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    return _train_on_quadrants(model)
 
 
 def trained_bn_model() -> nn.Module:
