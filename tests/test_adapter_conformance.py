@@ -27,7 +27,7 @@ from zsq_plugins.testing import (
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
-BUILT_IN = ["brevitas", "fx", "nncf", "pt2e"]
+BUILT_IN = ["brevitas", "fx", "nncf", "onnxruntime", "pt2e"]
 
 # Helpers the toolkit-specific test modules share.
 _expected, _through = expected_output, quantizer_io
@@ -68,7 +68,8 @@ def test_built_in_adapters_are_registered():
 
 
 def test_unknown_toolkit_lists_the_known_ones():
-    with pytest.raises(UnknownPluginError, match=r"available: brevitas, fx, nncf, pt2e"):
+    listing = r"available: brevitas, fx, nncf, onnxruntime, pt2e"
+    with pytest.raises(UnknownPluginError, match=listing):
         get_adapter("aimet")
 
 

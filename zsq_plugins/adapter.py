@@ -193,6 +193,11 @@ class Adapter(Protocol):
         a toolkit without ONNX export."""
 
 
+# An adapter whose toolkit runs outside torch (onnxruntime) hands the core a torch stand-in
+# with handles as ``QuantizedModel.model``, and declares ``deploy(quantized) -> nn.Module``:
+# the toolkit's own model with everything the core wrote into the stand-in, which ``apply``
+# returns. Optional, like toolkit options.
+
 # Toolkit options are optional for an adapter, so they stay out of the protocol (a
 # runtime-checkable Protocol would refuse every adapter without them): an adapter that takes
 # some declares ``options``, {option name: what it does and what the adapter's default is},

@@ -246,7 +246,9 @@ def apply(
     call and win over the adapter's defaults (``accepted_options(get_adapter(toolkit))``
     lists them; docs/adapters.md says what each adapter sets and why). Returns the
     toolkit-native quantized model and a report (settings, timings, ``report.quantized`` with
-    the quantizer handles).
+    the quantizer handles). For ``onnxruntime`` the model is an ``OnnxRuntimeModel`` (an
+    InferenceSession called like a torch model; ``report.quantized.model`` is the torch mirror
+    of its QDQ graph that the core's steps worked on).
     ``synthesis`` options (``budget``, ``iterations``...) go to ``synthesize`` when ``data`` is
     a preset name.
     """
@@ -333,4 +335,12 @@ def apply(
         synthesis=_synthesis_record(loader),
     )
     log.info("apply(%s, %s): %s", toolkit, spec.label, report.timings_s)
-    return quantized.model, report
+    return deployed_model(adapter, quantized), report
+
+
+def deployed_model(adapter: Any, quantized: QuantizedModel) -> nn.Module:
+    """What ``apply`` hands back: the toolkit's model, or for a toolkit that runs outside
+    torch (onnxruntime) what its adapter's ``deploy`` makes of the torch stand-in the core
+    worked on (``report.quantized.model``)."""
+    deploy = getattr(adapter, "deploy", None)
+    return deploy(quantized) if deploy is not None else quantized.model

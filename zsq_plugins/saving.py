@@ -86,6 +86,11 @@ def save_quantized(
     adapter's QDQ ONNX export. An existing folder is replaced only with ``overwrite``."""
     quantized: QuantizedModel = report.quantized
     if model is not quantized.model:
+        if hasattr(get_adapter(quantized.toolkit), "deploy"):
+            raise ZSQError(
+                f"a {quantized.toolkit} model is its ONNX file, which needs no manifest: "
+                "write it with model.save(path) and load it with OnnxRuntimeModel.load(path)"
+            )
         raise ZSQError("model is not the toolkit model of this report; pass apply's own pair")
     options = dict(report.toolkit_options)
     unsaved = [name for name, value in options.items() if not is_jsonable(value)]
@@ -215,6 +220,11 @@ def export_onnx(
     on ``example_input`` (default: one random image of the report's input shape)."""
     quantized: QuantizedModel = report.quantized
     if model is not quantized.model:
+        if hasattr(get_adapter(quantized.toolkit), "deploy"):
+            raise ZSQError(
+                f"a {quantized.toolkit} model is its ONNX file, which needs no manifest: "
+                "write it with model.save(path) and load it with OnnxRuntimeModel.load(path)"
+            )
         raise ZSQError("model is not the toolkit model of this report; pass apply's own pair")
     if example_input is None:
         generator = torch.Generator().manual_seed(0)

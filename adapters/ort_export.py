@@ -1,0 +1,180 @@
+"""The onnxruntime mirror's state written back into ORT's QDQ model (ort_mirror.py says why
+the mirror exists): integer weights and their steps, activation steps and zero points, int32
+biases at ORT's bias step (input step x weight step), a Clip before each activation quantizer
+narrower than its 8-bit ONNX type, the Relu/Clip ORT removed put back where the quantizer's
+range no longer implies them, and switched-off quantizers taken out."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from zsq_plugins.adapters.ort_mirror import FakeQuant, QDQMirror
+
+
+def _levels(quantizer: FakeQuant, value: torch.Tensor) -> torch.Tensor:
+    """``value``'s integer levels on ``quantizer``'s grid."""
+    scale, zero_point = quantizer._params(value)
+    levels = torch.round(value / scale) + zero_point
+    return torch.clamp(levels, quantizer.quant_min, quantizer.quant_max)
+
+
+def to_onnx(mirror: QDQMirror, model: Any) -> Any:
+    """A copy of the QDQ ``model`` that computes what ``mirror`` computes now: its weights,
+    biases, scales and zero points written into the initializers, disabled quantizers taken
+    out, and a Clip before every activation quantizer whose levels are narrower than its
+    ONNX type."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    exported = onnx.ModelProto()
+    exported.CopyFrom(model)
+    graph = exported.graph
+    initializers = {i.name: i for i in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    replaced: dict[str, Any] = {}  # node name -> its replacement (None: removed)
+    added_nodes: dict[str, list[Any]] = {}  # node name -> nodes to put before it
+    added_after: dict[str, list[Any]] = {}  # node name -> nodes to put after it
+    group_of_output = {
+        out: index for index, group in enumerate(mirror.groups) for out in group["outputs"]
+    }
+
+    def write(name: str, array: np.ndarray) -> None:
+        shape = tuple(initializers[name].dims)  # a per-tensor scale is a scalar in ONNX
+        array = array.reshape(shape) if array.size == math.prod(shape) else array
+        initializers[name].CopyFrom(numpy_helper.from_array(array, name))
+
+    def as_float(node: Any, values: torch.Tensor) -> None:
+        """The dequantizer ``node`` replaced by a float initializer of ``values``."""
+        array = values.detach().cpu().float().numpy()
+        graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+        replaced[node.name] = None
+
+    for node in graph.node:
+        layer = mirror.layers_by_node.get(node.name)
+        if layer is None:
+            continue
+        weight_quant = layer.weight_quant
+        weight_dq = producers.get(node.input[1])
+        quantized_weight = weight_quant is not None and bool(weight_quant.enabled)
+        if weight_quant is not None and weight_dq is not None:
+            if quantized_weight:
+                zero_point_type = numpy_helper.to_array(initializers[weight_dq.input[2]]).dtype
+                levels = _levels(weight_quant, layer.weight.detach())
+                write(weight_dq.input[0], levels.numpy().astype(zero_point_type))
+                write(weight_dq.input[1], weight_quant.scale.numpy().astype(np.float32))
+                write(weight_dq.input[2], weight_quant.zero_point.numpy().astype(zero_point_type))
+            else:
+                as_float(weight_dq, layer.weight)
+        if len(node.input) < 3 or not node.input[2] or layer.bias is None:
+            continue
+        bias_dq = producers.get(node.input[2])
+        if bias_dq is None or bias_dq.op_type != "DequantizeLinear":
+            write(node.input[2], layer.bias.detach().numpy().astype(np.float32))
+            continue
+        source = group_of_output.get(node.input[0])
+        input_quant = mirror.ort_quantizers[source] if source is not None else None
+        if not quantized_weight or input_quant is None or not bool(input_quant.enabled):
+            as_float(bias_dq, layer.bias)
+            continue
+        assert weight_quant is not None
+        bias_scale = (input_quant.scale[0] * weight_quant.scale).double()
+        if weight_quant.axis is None:
+            bias_scale = bias_scale.expand(layer.bias.shape)
+        integers = torch.round(layer.bias.detach().double() / bias_scale)
+        write(bias_dq.input[0], integers.numpy().astype(np.int32))
+        write(bias_dq.input[1], bias_scale.float().numpy())
+        write(bias_dq.input[2], np.zeros(integers.shape, np.int32))
+
+    for index, (group, quantizer) in enumerate(zip(mirror.groups, mirror.ort_quantizers,
+                                                   strict=True)):  # fmt: skip
+        zero_point_type = numpy_helper.to_array(initializers[group["zero_point"]]).dtype
+        write(group["scale"], quantizer.scale.numpy().astype(np.float32))
+        write(group["zero_point"], quantizer.zero_point.numpy().astype(zero_point_type))
+        narrower = (quantizer.quant_min, quantizer.quant_max) != tuple(group["container"])
+        for node in graph.node:
+            if node.op_type == "QuantizeLinear" and node.name in group["nodes"]:
+                if not bool(quantizer.enabled):
+                    replaced[node.name] = helper.make_node(
+                        "Identity", [node.input[0]], list(node.output), name=node.name
+                    )
+                elif narrower:
+                    scale, zero_point = float(quantizer.scale[0]), float(quantizer.zero_point[0])
+                    low, high = f"{group['scale']}_zsq_low", f"{group['scale']}_zsq_high"
+                    levels = ((low, quantizer.quant_min), (high, quantizer.quant_max))
+                    if low not in initializers:
+                        for name, level in levels:
+                            bound = np.array((level - zero_point) * scale, np.float32)
+                            tensor = numpy_helper.from_array(bound, name)
+                            graph.initializer.append(tensor)
+                            initializers[name] = graph.initializer[-1]
+                    clipped = f"{node.input[0]}_zsq_clip{index}"
+                    clip = helper.make_node(
+                        "Clip", [node.input[0], low, high], [clipped], name=f"{node.name}_zsq_clip"
+                    )
+                    added_nodes[node.name] = [clip]
+                    rewired = onnx.NodeProto()
+                    rewired.CopyFrom(node)
+                    rewired.input[0] = clipped
+                    replaced[node.name] = rewired
+            elif (
+                node.op_type == "DequantizeLinear"
+                and not bool(quantizer.enabled)
+                and node.output[0] in group["outputs"]
+            ):
+                replaced[node.name] = helper.make_node(
+                    "Identity", [node.input[0]], list(node.output), name=node.name
+                )
+
+    group_of_input = {}
+    for index, group in enumerate(mirror.groups):
+        for node in graph.node:
+            if node.name in group["nodes"]:
+                group_of_input[node.input[0]] = index
+    for name, (low, high) in mirror.removed_activations.items():
+        index = group_of_input.get(name)
+        quantizer = mirror.ort_quantizers[index] if index is not None else None
+        if quantizer is not None and bool(quantizer.enabled):
+            scale, zero_point = float(quantizer.scale[0]), float(quantizer.zero_point[0])
+            range_low = (quantizer.quant_min - zero_point) * scale
+            range_high = (quantizer.quant_max - zero_point) * scale
+            implied = (low is None or range_low >= low) and (high is None or range_high <= high)
+            if implied:
+                continue
+        producer = producers[name]
+        before = f"{name}_zsq_before_activation"
+        bounds = []
+        for suffix, bound in (("low", low), ("high", high)):
+            if bound is None:
+                bounds.append("")
+                continue
+            bound_name = f"{name}_zsq_{suffix}"
+            value = np.array(bound, np.float32)
+            graph.initializer.append(numpy_helper.from_array(value, bound_name))
+            bounds.append(bound_name)
+        rewired = onnx.NodeProto()
+        rewired.CopyFrom(replaced.get(producer.name) or producer)
+        rewired.output[list(rewired.output).index(name)] = before
+        replaced[producer.name] = rewired
+        clip = helper.make_node("Clip", [before, *bounds], [name], name=f"{name}_zsq_activation")
+        added_after.setdefault(producer.name, []).append(clip)
+
+    nodes = []
+    for node in graph.node:
+        nodes += added_nodes.get(node.name, [])
+        if node.name in replaced:
+            if replaced[node.name] is not None:
+                nodes.append(replaced[node.name])
+        else:
+            nodes.append(node)
+        nodes += added_after.get(node.name, [])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return exported
