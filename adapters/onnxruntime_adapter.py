@@ -120,6 +120,18 @@ def _export_float(folded: nn.Module, example_input: torch.Tensor, path: Path) ->
         ) from error
 
 
+def float_onnx(folded: nn.Module, example_input: torch.Tensor, folder: Path) -> bytes:
+    """The FP model as ORT quantizes it: exported to ONNX (opset 13, any batch size) and
+    pre-processed by ORT's ``quant_pre_process`` (shape inference, constant folding); files
+    go in ``folder``."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    exported, prepared = folder / "fp.onnx", folder / "fp_prepared.onnx"
+    _export_float(folded, example_input[:1].detach().cpu().float(), exported)
+    quant_pre_process(str(exported), str(prepared))
+    return prepared.read_bytes()
+
+
 def _layer_names(model: Any, folded: nn.Module) -> dict[str, str]:
     """ONNX Conv/Gemm node name -> the FP module whose weight it holds: by initializer name
     (the exporter names parameters after their module), else by equal weights."""
@@ -236,10 +248,8 @@ class OnnxRuntimeAdapter:
             **options.get("extra_options", {}),
         }
         with tempfile.TemporaryDirectory(prefix="zsq-ort-") as folder:
-            fp_path, pre_path = Path(folder) / "fp.onnx", Path(folder) / "pre.onnx"
-            q_path = Path(folder) / "qdq.onnx"
-            _export_float(folded, example_input[:1].detach().cpu().float(), fp_path)
-            quantization.shape_inference.quant_pre_process(str(fp_path), str(pre_path))
+            pre_path, q_path = Path(folder) / "pre.onnx", Path(folder) / "qdq.onnx"
+            pre_path.write_bytes(float_onnx(folded, example_input, Path(folder)))
             reader = OnnxCalibrationReader(images, INPUT_NAME, batch_size=len(batches[0]))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -15,11 +15,29 @@ import torch
 from zsq_plugins.adapters.ort_mirror import FakeQuant, QDQMirror
 
 
-def _levels(quantizer: FakeQuant, value: torch.Tensor) -> torch.Tensor:
-    """``value``'s integer levels on ``quantizer``'s grid."""
-    scale, zero_point = quantizer._params(value)
+def _levels(
+    quantizer: FakeQuant, value: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``value``'s integer levels on ``quantizer``'s grid (with ``scale`` for its steps)."""
+    own_scale, zero_point = quantizer._params(value)
+    scale = own_scale if scale is None else scale.reshape(own_scale.shape)
     levels = torch.round(value / scale) + zero_point
     return torch.clamp(levels, quantizer.quant_min, quantizer.quant_max)
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _fitting_weight_scale(layer: Any, weight_quant: FakeQuant, input_scale: float) -> torch.Tensor:
+    """The weight steps to write: the layer's own, raised in the channels whose bias at step
+    input step x weight step would not fit int32 (ORT's quantizer raises them too). That
+    happens where a channel's weights are all zero or nearly (a min-max step of almost
+    nothing): its weights, rounded on the raised step, change by less than that step."""
+    scale = weight_quant.scale.double().clone()
+    if weight_quant.axis is None or layer.bias is None:
+        return scale
+    needed = layer.bias.detach().double().abs() / (input_scale * INT32_MAX) * 2
+    return torch.maximum(scale, needed)
 
 
 def to_onnx(mirror: QDQMirror, model: Any) -> Any:
@@ -59,35 +77,46 @@ def to_onnx(mirror: QDQMirror, model: Any) -> Any:
             continue
         weight_quant = layer.weight_quant
         weight_dq = producers.get(node.input[1])
+        has_bias = len(node.input) > 2 and bool(node.input[2]) and layer.bias is not None
+        bias_dq = producers.get(node.input[2]) if has_bias else None
+        if bias_dq is not None and bias_dq.op_type != "DequantizeLinear":
+            bias_dq = None
+        source = group_of_output.get(node.input[0])
+        input_quant = mirror.ort_quantizers[source] if source is not None else None
         quantized_weight = weight_quant is not None and bool(weight_quant.enabled)
+        integer_bias = (
+            bias_dq is not None
+            and quantized_weight
+            and input_quant is not None
+            and bool(input_quant.enabled)
+        )
         if weight_quant is not None and weight_dq is not None:
             if quantized_weight:
+                scale = weight_quant.scale.double()
+                if integer_bias:
+                    scale = _fitting_weight_scale(layer, weight_quant, float(input_quant.scale[0]))
                 zero_point_type = numpy_helper.to_array(initializers[weight_dq.input[2]]).dtype
-                levels = _levels(weight_quant, layer.weight.detach())
+                levels = _levels(weight_quant, layer.weight.detach(), scale.float())
                 write(weight_dq.input[0], levels.numpy().astype(zero_point_type))
-                write(weight_dq.input[1], weight_quant.scale.numpy().astype(np.float32))
+                write(weight_dq.input[1], scale.float().numpy())
                 write(weight_dq.input[2], weight_quant.zero_point.numpy().astype(zero_point_type))
             else:
                 as_float(weight_dq, layer.weight)
-        if len(node.input) < 3 or not node.input[2] or layer.bias is None:
+        if not has_bias:
             continue
-        bias_dq = producers.get(node.input[2])
-        if bias_dq is None or bias_dq.op_type != "DequantizeLinear":
+        if bias_dq is None and producers.get(node.input[2]) is None:
             write(node.input[2], layer.bias.detach().numpy().astype(np.float32))
-            continue
-        source = group_of_output.get(node.input[0])
-        input_quant = mirror.ort_quantizers[source] if source is not None else None
-        if not quantized_weight or input_quant is None or not bool(input_quant.enabled):
+        elif bias_dq is not None and not integer_bias:
             as_float(bias_dq, layer.bias)
-            continue
-        assert weight_quant is not None
-        bias_scale = (input_quant.scale[0] * weight_quant.scale).double()
-        if weight_quant.axis is None:
-            bias_scale = bias_scale.expand(layer.bias.shape)
-        integers = torch.round(layer.bias.detach().double() / bias_scale)
-        write(bias_dq.input[0], integers.numpy().astype(np.int32))
-        write(bias_dq.input[1], bias_scale.float().numpy())
-        write(bias_dq.input[2], np.zeros(integers.shape, np.int32))
+        elif bias_dq is not None:
+            bias_scale = float(input_quant.scale[0]) * scale
+            if weight_quant.axis is None:
+                bias_scale = bias_scale.expand(layer.bias.shape)
+            integers = torch.round(layer.bias.detach().double() / bias_scale)
+            integers = integers.clamp(-INT32_MAX, INT32_MAX)
+            write(bias_dq.input[0], integers.numpy().astype(np.int32))
+            write(bias_dq.input[1], bias_scale.float().numpy())
+            write(bias_dq.input[2], np.zeros(integers.shape, np.int32))
 
     for index, (group, quantizer) in enumerate(zip(mirror.groups, mirror.ort_quantizers,
                                                    strict=True)):  # fmt: skip

@@ -176,3 +176,21 @@ def test_missing_onnxruntime_names_the_extra():
     hidden = mock.patch("importlib.util.find_spec", without_ort)
     with hidden, pytest.raises(MissingDependencyError, match=r"zsq-plugins\[onnxruntime\]"):
         get_adapter("onnxruntime")
+
+
+def test_a_dead_channel_keeps_its_bias():
+    """A channel whose folded weights are all zero (BN scale 0) has a min-max weight step of
+    almost nothing, so its bias at ORT's step (input step x weight step) overflows int32 unless
+    the step is raised, as ORT's quantizer raises it: the session must keep that bias."""
+    model = tiny_model("relu")
+    with torch.no_grad():
+        batchnorm = model[1].bn1
+        batchnorm.weight[0], batchnorm.bias[0] = 0.0, 0.5
+    generator = torch.Generator().manual_seed(0)
+    data = [torch.rand(16, 1, 7, 7, generator=generator) for _ in range(2)]
+    adapter = get_adapter("onnxruntime")
+    quantized = adapter.quantize(model, QuantSpec.parse("W8A8"), data, data[0][:2])
+    session = adapter.deploy(quantized)
+    with torch.no_grad():
+        gap = (session(HELD_OUT) - quantized.model(HELD_OUT)).abs().max()
+    assert gap <= 0.01, float(gap)

@@ -121,7 +121,7 @@ def test_sources_are_measured_against_real_data_and_noise():
 def test_grid_resumes_and_refuses_another_protocol(tmp_path, monkeypatch):
     calls = []
 
-    def fake_cell(cell, config, images, test, progress, fp32):
+    def fake_cell(cell, config, images, test, progress, fp32, checkpoint_dir=None):
         calls.append(cell.key)
         if len(calls) == 2:
             raise KeyboardInterrupt  # interrupted after one finished cell
@@ -154,7 +154,7 @@ def test_cell_reconstructed_with_a_changed_preset_runs_again(tmp_path, monkeypat
     calls = []
     current = compare.reconstruction_config("genie-m", small().reconstruct_budget)
 
-    def fake_cell(cell, config, images, test, progress, fp32):
+    def fake_cell(cell, config, images, test, progress, fp32, checkpoint_dir=None):
         calls.append(cell.key)
         return {
             **cell.__dict__,
@@ -205,7 +205,7 @@ def test_adversarial_data_are_made_per_toolkit_and_spec(tmp_path, monkeypatch):
     def fake_images(model, source, config, data_dir, progress, cell=None):
         fetched.append((source, cell.toolkit, cell.spec))
 
-    def fake_cell(cell, config, images, test, progress, fp32):
+    def fake_cell(cell, config, images, test, progress, fp32, checkpoint_dir=None):
         return {**cell.__dict__, "top1": 90.0, "fp32_top1": 93.0, "num_test": 200, "timings_s": {}}
 
     monkeypatch.setattr(compare.runner, "run_cell", fake_cell)
@@ -231,7 +231,7 @@ def test_adversarial_data_are_made_per_toolkit_and_spec(tmp_path, monkeypatch):
 def test_parts_of_a_grid_share_one_folder(tmp_path, monkeypatch, capsys):
     calls = []
 
-    def fake_cell(cell, config, images, test, progress, fp32):
+    def fake_cell(cell, config, images, test, progress, fp32, checkpoint_dir=None):
         calls.append(cell.key)
         return {**cell.__dict__, "top1": 90.0, "fp32_top1": 93.0, "num_test": 200, "timings_s": {}}
 
@@ -392,3 +392,40 @@ def test_a_grid_compares_a_users_own_model(tmp_path):
         real = GridConfig(models=["my_net"], toolkits=["fx"], data=["real"], specs=["W8A8"],
                           user_models={"my_net": own})  # fmt: skip
         run_grid(real, tmp_path / "real", progress=False, plots=False)
+
+
+def test_a_cell_stopped_during_reconstruction_resumes_after_its_last_block(tmp_path):
+    """An ImageNet cell reconstructs for hours: a grid stopped part-way keeps the finished
+    blocks of the cell it was running, and the next run of the grid starts that cell after
+    them; a finished cell leaves no checkpoint behind. (Blocks are stand-ins that learn
+    nothing, so the test runs in seconds; the routine's own resume is tested in the
+    conformance template.)"""
+    from unittest import mock
+
+    from zsq_plugins.reconstruction import routine
+
+    started: list[str] = []
+    stop = {"at": 3}
+
+    class Stopped(Exception):
+        """Stands for a session that ends in the middle of a cell."""
+
+    def block(quantized, block, *args, **kwargs):
+        started.append(block.name)
+        if len(started) == stop["at"]:
+            raise Stopped
+        return routine.BlockReport(block.name, len(block.layers), 0.0, 0.0, 0.0, 0.0)
+
+    config = small(specs=["W4A4"], reconstruct=["genie-m"], test_samples=64)
+    with mock.patch.object(routine, "reconstruct_block", block), pytest.raises(Stopped):
+        run_grid(config, tmp_path, progress=False, plots=False)
+    checkpoints = tmp_path / "data" / compare.runner.CHECKPOINTS
+    assert [p.name for p in checkpoints.iterdir()] == ["resnet20_fmnist__fx__real__W4A4__genie-m"]
+    first_run = list(started)
+    started.clear()
+    stop["at"] = None
+    with mock.patch.object(routine, "reconstruct_block", block):
+        rows = run_grid(config, tmp_path, progress=False, plots=False)
+    assert len(rows) == 1 and rows[0]["top1"] is not None
+    assert started[0] == first_run[2], (first_run, started)  # after the two finished blocks
+    assert not any(checkpoints.iterdir())

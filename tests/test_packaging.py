@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_core_imports_no_toolkit():
     code = (
         "import sys, zsq_plugins, zsq_plugins.zoo, zsq_plugins.datasets, zsq_plugins.cli;"
-        "bad = [m for m in ('nncf', 'brevitas', 'torchao', 'foolbox', 'torchvision')"
+        "bad = [m for m in ('nncf', 'brevitas', 'torchao', 'onnxruntime', 'foolbox', 'torchvision')"
         " if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -21,7 +22,7 @@ from zsq_plugins.compare.data import (
 from zsq_plugins.compare.grid import CALIBRATIONS, NO_RECONSTRUCTION, Cell, GridConfig
 from zsq_plugins.compare.render import render_markdown
 from zsq_plugins.compare.store import GridResults, stored_record
-from zsq_plugins.errors import ZSQError
+from zsq_plugins.errors import CacheMismatchError, ZSQError
 from zsq_plugins.reporting import (
     environment_info,
     peak_rss_mib,
@@ -39,8 +40,11 @@ def run_cell(
     test: Any,
     progress: bool,
     fp32: float | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Quantizes, calibrates (and reconstructs) one cell and evaluates it against FP32."""
+    """Quantizes, calibrates (and reconstructs) one cell and evaluates it against FP32. With
+    ``checkpoint_dir``, the reconstruction saves its state there after every block and a run
+    of the same cell resumes from it."""
     from zsq_plugins import apply, evaluate, zoo
 
     fp_model = config.load_model(cell.model)
@@ -53,6 +57,7 @@ def run_cell(
         reconstruct=reconstruct,
         seed=config.seed,
         reconstruct_budget=config.reconstruct_budget,
+        reconstruct_checkpoint=checkpoint_dir if reconstruct is not None else None,
         progress=progress,
         toolkit_options=config.toolkit_options.get(cell.toolkit),
         **CALIBRATIONS[cell.calibration],
@@ -77,6 +82,32 @@ def run_cell(
         ),
         "reconstruction_config": reconstruction.config if reconstruction is not None else None,
     }
+
+
+CHECKPOINTS = "checkpoints"
+"""Folder under the grid's data folder where an unfinished cell's reconstruction keeps its
+state after every block (an ImageNet cell reconstructs for hours): a run stopped part-way
+resumes the cell after its last finished block. A finished cell's folder is removed."""
+
+
+def _run_resumable(
+    cell: Cell,
+    config: GridConfig,
+    images: torch.Tensor,
+    test: Any,
+    progress: bool,
+    fp32: float | None,
+    data_folder: Path,
+) -> dict[str, Any]:
+    folder = data_folder / CHECKPOINTS / cell.key
+    try:
+        result = run_cell(cell, config, images, test, progress, fp32, checkpoint_dir=folder)
+    except CacheMismatchError as error:  # another run's state (older code or config)
+        log.warning("%s: starting over (%s)", cell.key, error)
+        shutil.rmtree(folder, ignore_errors=True)
+        result = run_cell(cell, config, images, test, progress, fp32, checkpoint_dir=folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    return result
 
 
 def run_grid(
@@ -148,7 +179,7 @@ def run_grid(
                 )  # fmt: skip
             fp32 = fp32_top1(fp_model, test)
             test_for = cell.model
-        result = run_cell(cell, config, images, test, progress, fp32)
+        result = _run_resumable(cell, config, images, test, progress, fp32, data_folder)
         results.record(cell, result)
         log.info(
             "%s: top-1 %s, agreement %s", cell.key, result.get("top1"), result.get("agreement")
