@@ -301,8 +301,8 @@ class OnnxRuntimeAdapter:
                 "onnxruntime": onnxruntime.__version__,
                 "calibrate_method": method_name,
                 "eight_bit_layers": sorted(eight_bit),
-                "qdq_model": qdq,
-                "providers": tuple(options.get("providers", ("CPUExecutionProvider",))),
+                "removed_activations": len(removed),
+                "providers": list(options.get("providers", ["CPUExecutionProvider"])),
             },
         )
 
@@ -311,12 +311,12 @@ class OnnxRuntimeAdapter:
         mirror = quantized.model
         if not isinstance(mirror, QDQMirror):
             raise ZSQError("not a model of the onnxruntime adapter")
-        return to_onnx(mirror, quantized.report["qdq_model"])
+        return to_onnx(mirror, mirror.qdq_model)
 
     def deploy(self, quantized: QuantizedModel) -> OnnxRuntimeModel:
         """The ORT session of the mirror's current state: what ``apply`` returns."""
         model = self.onnx_model(quantized)
-        return OnnxRuntimeModel(model.SerializeToString(), quantized.report["providers"])
+        return OnnxRuntimeModel(model.SerializeToString(), tuple(quantized.report["providers"]))
 
     def export_onnx(
         self, quantized: QuantizedModel, path: str | Path, example_input: torch.Tensor

@@ -174,6 +174,8 @@ class QDQMirror(nn.Module):
         removed_activations: dict[str, tuple[float | None, float | None]] | None = None,
     ) -> None:
         super().__init__()
+        self.qdq_model = model
+        """ORT's QDQ model this mirrors: what ``ort_export.to_onnx`` writes the state into."""
         self.removed_activations = dict(removed_activations or {})
         from onnx import numpy_helper
 

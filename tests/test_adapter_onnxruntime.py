@@ -194,3 +194,39 @@ def test_a_dead_channel_keeps_its_bias():
     with torch.no_grad():
         gap = (session(HELD_OUT) - quantized.model(HELD_OUT)).abs().max()
     assert gap <= 0.01, float(gap)
+
+
+class _Erf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.erf(self.conv(x)).mean((2, 3)))
+
+
+def test_an_op_the_mirror_cannot_run_is_named():
+    adapter = get_adapter("onnxruntime")
+    data = [torch.rand(4, 1, 8, 8)]
+    with pytest.raises(UnsupportedModelError, match=r"cannot mirror ONNX op Erf"):
+        adapter.quantize(_Erf().eval(), QuantSpec.parse("W8A8"), data, data[0][:1])
+
+
+def test_the_command_line_quantizes_and_exports(tmp_path, capsys):
+    import json
+
+    from zsq_plugins.adapters.onnxruntime_adapter import OnnxRuntimeModel
+    from zsq_plugins.cli import main
+
+    argv = ["quantize", "resnet20_fmnist", "--toolkit", "onnxruntime", "--spec", "W4A8"]
+    argv += ["--data", "real", "--num-samples", "64", "--out", str(tmp_path), "--onnx"]
+    assert main([*argv, "--no-progress"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["toolkit"] == "onnxruntime" and report["quantizers"] > 0
+    session = OnnxRuntimeModel.load(report["onnx"])
+    logits = session(torch.rand(2, 1, 28, 28))
+    assert logits.shape == (2, 10)
+    saved = [*argv, "--save", str(tmp_path / "saved"), "--no-progress"]
+    assert main(saved) != 0
+    assert "model.save(path)" in capsys.readouterr().err

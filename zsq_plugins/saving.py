@@ -219,12 +219,8 @@ def export_onnx(
     """The toolkit's QDQ ONNX export of ``model`` (``apply``'s pair with ``report``), traced
     on ``example_input`` (default: one random image of the report's input shape)."""
     quantized: QuantizedModel = report.quantized
-    if model is not quantized.model:
-        if hasattr(get_adapter(quantized.toolkit), "deploy"):
-            raise ZSQError(
-                f"a {quantized.toolkit} model is its ONNX file, which needs no manifest: "
-                "write it with model.save(path) and load it with OnnxRuntimeModel.load(path)"
-            )
+    deployed = hasattr(get_adapter(quantized.toolkit), "deploy")  # onnxruntime: its session
+    if model is not quantized.model and not deployed:
         raise ZSQError("model is not the toolkit model of this report; pass apply's own pair")
     if example_input is None:
         generator = torch.Generator().manual_seed(0)

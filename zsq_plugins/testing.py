@@ -558,6 +558,33 @@ def check_reconstruction_resumes_from_a_checkpoint(adapter: Adapter) -> None:
     _require(gap <= 1e-6, f"resumed run's logits differ from the uninterrupted run's by {gap}")
 
 
+def check_deployed_model_reproduces_the_routine(adapter: Adapter) -> None:
+    """For an adapter whose toolkit runs outside torch (it has ``deploy``, see
+    zsq_plugins.adapter): after reconstruction, the deployed model (what ``apply`` returns)
+    gives the top-1 of the routine's final model on every image, and logits within a small
+    fraction of what reconstruction changed (a runtime's integer arithmetic may put a value
+    on the neighbouring level now and then). Skipped for adapters without ``deploy``."""
+    deploy = getattr(adapter, "deploy", None)
+    if deploy is None:
+        raise CheckSkipped("the adapter's model is the toolkit's own (no deploy step)")
+    model = tiny_model("relu6")
+    quantized, data = quantize_tiny(adapter, model, QuantSpec.parse("W4A4"), size=7)
+    held_out = torch.rand(64, 1, 7, 7, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = unwrap(quantized.model(held_out)).clone()
+    config = ReconstructionConfig(iterations=30, batch_size=16, drop_probability=0.5)
+    reconstruct(quantized, model, torch.cat(data), config, progress=False)
+    deployed = deploy(quantized)
+    with torch.no_grad():
+        routine_output = unwrap(quantized.model(held_out))
+        deployed_output = unwrap(deployed(held_out))
+    agreement = (routine_output.argmax(1) == deployed_output.argmax(1)).float().mean()
+    _require(agreement == 1, f"the deployed model's top-1 agrees on {agreement:.0%} only")
+    gap = (routine_output - deployed_output).abs().mean()
+    moved = (routine_output - before).abs().mean()
+    _require(gap <= 0.1 * moved, f"deployed logits {gap:.3g} off; reconstruction moved {moved:.3g}")
+
+
 CHECKS: tuple[Callable[[Adapter], None], ...] = (
     check_spec_is_honoured,
     check_switched_off_equals_folded_fp32,
@@ -573,6 +600,7 @@ CHECKS: tuple[Callable[[Adapter], None], ...] = (
     check_reconstruction_lands_on_the_grid,
     check_reconstruction_learns_every_activation_quantizer,
     check_reconstruction_resumes_from_a_checkpoint,
+    check_deployed_model_reproduces_the_routine,
 )
 """Every conformance check, in the order ``check_adapter`` runs them."""
 
