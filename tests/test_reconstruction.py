@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from tests.test_adapter_conformance import BUILT_IN, quantize, tiny_model
 from zsq_plugins import QuantSpec, apply
@@ -225,3 +226,61 @@ def test_each_ingredient_of_the_presets_changes_the_result(change):
             p.detach().flatten() for p in quantized.model.parameters()
         ]))  # fmt: skip
     assert not torch.equal(*states)
+
+
+def test_spatial_mean_loss_averages_positions_and_sums_channels():
+    """BRECQ's, QDrop's and Genie's reduction: per image, the squared error summed over
+    channels and averaged over positions; ``sum`` adds every element. They differ by the
+    number of positions on feature maps and agree on logits."""
+    from zsq_plugins.reconstruction.config import LossReduction
+    from zsq_plugins.reconstruction.routine import block_loss
+
+    output, target = torch.randn(4, 3, 5, 7), torch.zeros(4, 3, 5, 7)
+    summed = block_loss(output, target, LossReduction.SUM)
+    averaged = block_loss(output, target, LossReduction.SPATIAL_MEAN)
+    torch.testing.assert_close(summed, averaged * 35)
+    torch.testing.assert_close(averaged, output.pow(2).sum(1).mean())
+    logits = torch.randn(4, 10)
+    torch.testing.assert_close(
+        block_loss(logits, 0 * logits, LossReduction.SUM),
+        block_loss(logits, 0 * logits, LossReduction.SPATIAL_MEAN),
+    )
+
+
+def test_the_loss_reduction_changes_the_result_and_old_records_stay_current():
+    from zsq_plugins.compare import same_reconstruction
+    from zsq_plugins.reconstruction.config import ReconstructionConfig
+
+    quantized = {}
+    for loss in ("sum", "spatial_mean"):
+        quantized[loss], data = quantize("fx", tiny_model("relu6"), QuantSpec.parse("W3A4"))
+        config = ReconstructionConfig(iterations=30, batch_size=16, loss=loss)
+        reconstruct(quantized[loss], tiny_model("relu6"), torch.cat(data), config, progress=False)
+    with torch.no_grad():
+        gap = (quantized["sum"].model(data[1]) - quantized["spatial_mean"].model(data[1])).abs()
+    assert gap.max() > 1e-4
+    current = ReconstructionConfig().to_dict()
+    recorded_before_the_field = {k: v for k, v in current.items() if k != "loss"}
+    assert same_reconstruction(recorded_before_the_field, current)
+    assert not same_reconstruction(recorded_before_the_field, {**current, "loss": "spatial_mean"})
+    with pytest.raises(ValueError, match="loss must be"):
+        ReconstructionConfig(loss="mean")
+
+
+def test_a_checkpoint_resumes_across_result_neutral_and_later_added_fields(tmp_path):
+    """A checkpoint saved by a run whose configuration lacked a field added since (at the
+    value that run had) or kept its block inputs elsewhere resumes; another learning rate
+    does not."""
+    from zsq_plugins.reconstruction.checkpoint import ReconstructionCheckpoint, checkpoint_identity
+    from zsq_plugins.reconstruction.routine import BlockReport
+
+    model, images = nn.Linear(3, 2), torch.rand(4, 3)
+    current = {**ReconstructionConfig().to_dict(), "routine_revision": 2}
+    older = {k: v for k, v in current.items() if k != "loss"} | {"block_inputs": "disk"}
+    saved = ReconstructionCheckpoint(tmp_path, checkpoint_identity(older, 0, images, ["a"], model))
+    saved.save(model, torch.Generator(), [BlockReport("a", 1, 0.0, 0.0, 0.0, 0.0)])
+    same = checkpoint_identity(current, 0, images, ["a"], model)
+    assert len(ReconstructionCheckpoint(tmp_path, same).restore(model, torch.Generator())) == 1
+    other = checkpoint_identity({**current, "rounding_lr": 1.0}, 0, images, ["a"], model)
+    with pytest.raises(CacheMismatchError, match="rounding_lr"):
+        ReconstructionCheckpoint(tmp_path, other).restore(model, torch.Generator())

@@ -29,6 +29,7 @@ from torch import nn
 
 from zsq_plugins.checksums import sha256_of
 from zsq_plugins.errors import CacheMismatchError, ChecksumMismatchError
+from zsq_plugins.reconstruction.config import same_result_fields
 from zsq_plugins.reporting import library_versions, write_json
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,16 @@ def _state_name(blocks_done: int) -> str:
     return f"state-{blocks_done:04d}.safetensors"
 
 
+def _comparable(identity: dict[str, Any]) -> dict[str, Any]:
+    """An identity with its configuration reduced to the fields that decide the result
+    (config.same_result_fields): a checkpoint saved with its block inputs on disk resumes in
+    memory, and one saved before a field was added resumes at the field's old value."""
+    config = identity.get("config")
+    if not isinstance(config, dict):
+        return identity
+    return {**identity, "config": same_result_fields(config)}
+
+
 class ReconstructionCheckpoint:
     """The checkpoint folder of one reconstruction run."""
 
@@ -118,7 +129,7 @@ class ReconstructionCheckpoint:
             raise CacheMismatchError(
                 f"{path} is not a {FORMAT} file; delete the folder or choose another one."
             )
-        if progress["identity"] != self.identity:
+        if _comparable(progress["identity"]) != _comparable(self.identity):
             diff = "; ".join(_differences(progress["identity"], self.identity))
             raise CacheMismatchError(
                 f"{self.root} holds the checkpoint of another reconstruction ({diff}). Use "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from enum import Enum
 from typing import Any
 
 from zsq_plugins.configio import checked_replace, to_json_dict
@@ -18,10 +19,24 @@ from zsq_plugins.reconstruction.blocks import Granularity
 RESULT_NEUTRAL = ("block_inputs",)
 """ReconstructionConfig fields that change time and memory only, never the result."""
 
+ADDED_LATER = {"loss": "sum"}
+"""Fields added after results were recorded, with the value that gives those results: a
+recorded configuration without the field, and one with this value, are the same."""
+
+
+class LossReduction(str, Enum):
+    SUM = "sum"
+    SPATIAL_MEAN = "spatial_mean"
+
 
 def same_result_fields(config: dict[str, Any]) -> dict[str, Any]:
-    """A recorded configuration (``to_dict()`` form) without the ``RESULT_NEUTRAL`` fields."""
-    return {k: v for k, v in config.items() if k not in RESULT_NEUTRAL}
+    """A recorded configuration (``to_dict()`` form) without the ``RESULT_NEUTRAL`` fields
+    (nor the ``ADDED_LATER`` ones at the value that recorded results had)."""
+    return {
+        k: v
+        for k, v in config.items()
+        if k not in RESULT_NEUTRAL and not (k in ADDED_LATER and v == ADDED_LATER[k])
+    }
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,6 +88,12 @@ class ReconstructionConfig:
     differ (a channel's max|w| on 7, 7.5 or 8 steps at 4 bits; 1, 1.5 or 2 at 2 bits), a
     rounding-only preset cannot move them, and Genie-M's learned step moves too little in a
     short budget: without the search, the toolkit's calibration rule decides the result."""
+    loss: LossReduction = LossReduction.SUM
+    """How a block's squared output error is reduced per image: ``sum`` over every element
+    (channels x height x width), or ``spatial_mean``, summed over channels and averaged over
+    positions, as BRECQ's, QDrop's and Genie's code reduce it. The choice sets the balance
+    with the rounding regularizer (whose weight is per weight): on a 112 x 112 feature map
+    ``sum`` weighs the error 12,544 times more than ``spatial_mean`` does."""
     block_inputs: BlockInputCache = BlockInputCache.AUTO
     """Where the quantized prefix's output (the block's input) is kept while a block learns:
     ``memory``, ``disk`` (a memory-mapped temporary file), ``auto`` (memory up to 1 GiB per
@@ -88,6 +109,10 @@ class ReconstructionConfig:
             raise ValueError(
                 f"block_inputs must be 'auto', 'memory', 'disk' or 'off', got {self.block_inputs!r}"
             ) from None
+        try:
+            object.__setattr__(self, "loss", LossReduction(self.loss))
+        except ValueError:
+            raise ValueError(f"loss must be 'sum' or 'spatial_mean', got {self.loss!r}") from None
         try:
             object.__setattr__(self, "granularity", Granularity(self.granularity))
         except ValueError:

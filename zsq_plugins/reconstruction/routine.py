@@ -42,7 +42,7 @@ from zsq_plugins.reconstruction.assignment import activation_quantizers_by_block
 from zsq_plugins.reconstruction.block_inputs import BlockInputCache, BlockRunner, cache_tensor
 from zsq_plugins.reconstruction.blocks import Block, find_blocks, output_points
 from zsq_plugins.reconstruction.checkpoint import ReconstructionCheckpoint, checkpoint_identity
-from zsq_plugins.reconstruction.config import ReconstructionConfig
+from zsq_plugins.reconstruction.config import LossReduction, ReconstructionConfig
 from zsq_plugins.reconstruction.rounding import AdaRoundWeight, LSQActivation
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,17 @@ def _beta(config: ReconstructionConfig, step: int) -> float | None:
     return config.beta_start + (config.beta_end - config.beta_start) * progress
 
 
+def block_loss(
+    output: torch.Tensor, target: torch.Tensor, reduction: LossReduction
+) -> torch.Tensor:
+    """The squared error of a block's output per image (ReconstructionConfig.loss), averaged
+    over the batch."""
+    error = (output - target).pow(2)
+    if reduction is LossReduction.SPATIAL_MEAN and error.dim() > 2:
+        return error.sum(1).flatten(1).mean(1).mean()
+    return error.flatten(1).sum(1).mean()
+
+
 def reconstruct_block(
     quantized: QuantizedModel,
     block: Block,
@@ -153,7 +164,7 @@ def reconstruct_block(
     probe = images[: config.batch_size]
     with torch.no_grad(), capture_at(model, point) as store:
         plain_output = run_to(model, probe, store)
-    plain = (plain_output - targets[: len(probe)]).pow(2).flatten(1).sum(1).mean()
+    plain = block_loss(plain_output, targets[: len(probe)], config.loss)
     floats = float_weights(model, weight_handles, images, point)
     first = _first_layer(block)
     runner = BlockRunner(
@@ -233,7 +244,7 @@ def reconstruct_block(
                 index = index.to(images.device)
                 with _prefix_without_autograd():
                     output = runner(index)
-                loss = (output - targets[index]).pow(2).flatten(1).sum(1).mean()
+                loss = block_loss(output, targets[index], config.loss)
                 reconstruction = float(loss.detach())
                 beta = _beta(config, step)
                 if beta is not None and roundings:
@@ -272,7 +283,7 @@ def reconstruct_block(
         with capture_at(model, point) as store:
             native_output = run_to(model, probe, store)
     fidelity = float((native_output - routine_output).abs().max())
-    hard = (native_output - targets[: len(probe)]).pow(2).flatten(1).sum(1).mean()
+    hard = block_loss(native_output, targets[: len(probe)], config.loss)
     return BlockReport(
         block.name,
         len(block.layers),
