@@ -284,3 +284,86 @@ def test_a_checkpoint_resumes_across_result_neutral_and_later_added_fields(tmp_p
     other = checkpoint_identity({**current, "rounding_lr": 1.0}, 0, images, ["a"], model)
     with pytest.raises(CacheMismatchError, match="rounding_lr"):
         ReconstructionCheckpoint(tmp_path, other).restore(model, torch.Generator())
+
+
+def test_brecqs_two_stages_learn_rounding_with_float_activations_then_steps():
+    """BRECQ's schedule: every block's rounding with the activation quantizers off, then every
+    block's activation steps with the rounding fixed (a quarter of the steps); the result
+    lands on the grid and differs from learning both at once."""
+    from unittest import mock
+
+    from zsq_plugins.reconstruction import routine
+    from zsq_plugins.reconstruction.config import ReconstructionConfig
+
+    seen = []
+    real_block = routine.reconstruct_block
+
+    def recording(quantized, block, point, images, targets, config, *args, **kwargs):
+        activations = quantized.activation_handles()
+        seen.append((kwargs["learn_rounding"], any(h.enabled for h in activations), config))
+        return real_block(quantized, block, point, images, targets, config, *args, **kwargs)
+
+    results = {}
+    for schedule in ("joint", "two_stage"):
+        seen.clear()
+        quantized, data = quantize("fx", tiny_model("relu6"), QuantSpec.parse("W3A4"))
+        config = ReconstructionConfig(iterations=40, batch_size=16, schedule=schedule)
+        with mock.patch.object(routine, "reconstruct_block", recording):
+            report = reconstruct(quantized, tiny_model("relu6"), torch.cat(data), config,
+                                 progress=False)  # fmt: skip
+        results[schedule] = (quantized, report, list(seen))
+    _, joint, joint_calls = results["joint"]
+    quantized, two_stage, calls = results["two_stage"]
+    assert [b.name for b in joint.blocks] == ["stem.0", "body.0", "fc"]
+    assert [b.name for b in two_stage.blocks] == [
+        "rounding:stem.0", "rounding:body.0", "rounding:fc",
+        "activations:stem.0", "activations:body.0", "activations:fc",
+    ]  # fmt: skip
+    assert [(r, a) for r, a, _ in calls] == [(True, False)] * 3 + [(False, True)] * 3
+    assert all(c.iterations == 40 for _, _, c in calls[:3])
+    assert all(c.iterations == 10 for _, _, c in calls[3:])
+    assert all(h.enabled for h in quantized.activation_handles())
+    assert all(b.fidelity <= 1e-5 for b in two_stage.blocks)
+    with torch.no_grad():
+        x = data[1]
+        gap = (quantized.model(x) - results["joint"][0].model(x)).abs().max()
+    assert gap > 1e-4
+    assert [(r, a) for r, a, _ in joint_calls] == [(True, True)] * 3
+
+
+@pytest.mark.parametrize("stop_at", [2, 5])
+def test_brecqs_two_stages_resume_from_a_checkpoint(tmp_path, stop_at):
+    """Stopped in the rounding stage (its activations off) or in the activation stage, a
+    two-stage reconstruction resumed from its checkpoint ends where an uninterrupted one
+    ends."""
+    from unittest import mock
+
+    from zsq_plugins.reconstruction import routine
+    from zsq_plugins.reconstruction.config import ReconstructionConfig
+
+    config = ReconstructionConfig(iterations=16, batch_size=16, schedule="two_stage")
+    reference, data = quantize("fx", tiny_model("relu6"), QuantSpec.parse("W4A4"))
+    images = torch.cat(data)
+    reconstruct(reference, tiny_model("relu6"), images, config, progress=False)
+    real_block, calls = routine.reconstruct_block, []
+
+    class Stopped(Exception):
+        pass
+
+    def stopping(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == stop_at:
+            raise Stopped
+        return real_block(*args, **kwargs)
+
+    interrupted, _ = quantize("fx", tiny_model("relu6"), QuantSpec.parse("W4A4"))
+    with mock.patch.object(routine, "reconstruct_block", stopping), pytest.raises(Stopped):
+        reconstruct(interrupted, tiny_model("relu6"), images, config, progress=False,
+                    checkpoint_dir=tmp_path)  # fmt: skip
+    resumed, _ = quantize("fx", tiny_model("relu6"), QuantSpec.parse("W4A4"))
+    report = reconstruct(resumed, tiny_model("relu6"), images, config, progress=False,
+                         checkpoint_dir=tmp_path)  # fmt: skip
+    assert report.resumed_blocks == stop_at - 1
+    with torch.no_grad():
+        gap = (resumed.model(images) - reference.model(images)).abs().max()
+    assert gap <= 1e-6, float(gap)

@@ -143,12 +143,14 @@ def test_config_validation_and_round_trip():
         config.replace(lr=1.0)
 
 
-def test_the_bare_config_is_brecq_at_the_paper_budget():
+def test_the_bare_config_is_brecq_at_the_paper_budget_learned_jointly():
     """What ReconstructionConfig's docstring says; the entry points default to genie-m."""
     import inspect
 
     from zsq_plugins.reconstruction import RECONSTRUCTIONS, reconstruct
 
-    assert ReconstructionConfig() == RECONSTRUCTIONS.get("brecq").config("paper")
+    brecq = RECONSTRUCTIONS.get("brecq").config("paper")
+    assert ReconstructionConfig() == brecq.replace(schedule="joint")
+    assert brecq.schedule.value == "two_stage"
     defaults = inspect.signature(reconstruct).parameters
     assert (defaults["preset"].default, defaults["budget"].default) == ("genie-m", "auto")

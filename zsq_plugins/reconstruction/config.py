@@ -19,7 +19,7 @@ from zsq_plugins.reconstruction.blocks import Granularity
 RESULT_NEUTRAL = ("block_inputs",)
 """ReconstructionConfig fields that change time and memory only, never the result."""
 
-ADDED_LATER = {"loss": "sum"}
+ADDED_LATER = {"loss": "sum", "schedule": "joint", "act_stage_fraction": 0.25}
 """Fields added after results were recorded, with the value that gives those results: a
 recorded configuration without the field, and one with this value, are the same."""
 
@@ -27,6 +27,11 @@ recorded configuration without the field, and one with this value, are the same.
 class LossReduction(str, Enum):
     SUM = "sum"
     SPATIAL_MEAN = "spatial_mean"
+
+
+class Schedule(str, Enum):
+    JOINT = "joint"
+    TWO_STAGE = "two_stage"
 
 
 def same_result_fields(config: dict[str, Any]) -> dict[str, Any]:
@@ -41,10 +46,11 @@ def same_result_fields(config: dict[str, Any]) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ReconstructionConfig:
-    """The routine's configuration. ``ReconstructionConfig()`` is the ``brecq`` preset at the
-    ``paper`` budget; the entry points (``apply``, ``zsq_plugins.reconstruct``) default to
-    ``genie-m`` at the ``auto`` budget instead: start from
-    ``RECONSTRUCTIONS.get(name).config(budget)`` and ``replace`` what you change."""
+    """The routine's configuration. ``ReconstructionConfig()`` is BRECQ's block
+    reconstruction at the ``paper`` budget with rounding and activation steps learned jointly
+    (the ``brecq`` preset learns them in BRECQ's two stages); the entry points (``apply``,
+    ``zsq_plugins.reconstruct``) default to ``genie-m`` at the ``auto`` budget instead: start
+    from ``RECONSTRUCTIONS.get(name).config(budget)`` and ``replace`` what you change."""
 
     granularity: Granularity = Granularity.BLOCK
     """``layer`` reconstructs each conv/linear alone (AdaRound); ``block`` whole blocks (BRECQ)."""
@@ -88,6 +94,13 @@ class ReconstructionConfig:
     differ (a channel's max|w| on 7, 7.5 or 8 steps at 4 bits; 1, 1.5 or 2 at 2 bits), a
     rounding-only preset cannot move them, and Genie-M's learned step moves too little in a
     short budget: without the search, the toolkit's calibration rule decides the result."""
+    schedule: Schedule = Schedule.JOINT
+    """``joint`` learns each block's rounding and activation steps together (QDrop, Genie-M);
+    ``two_stage`` is BRECQ's own schedule: every block's rounding first, with activations in
+    float, then every block's activation steps with the rounding fixed."""
+    act_stage_fraction: float = 0.25
+    """With ``two_stage``, the activation stage's steps per block as a fraction of
+    ``iterations`` (BRECQ: 5000 activation steps after 20000 rounding steps)."""
     loss: LossReduction = LossReduction.SUM
     """How a block's squared output error is reduced per image: ``sum`` over every element
     (channels x height x width), or ``spatial_mean``, summed over channels and averaged over
@@ -109,6 +122,16 @@ class ReconstructionConfig:
             raise ValueError(
                 f"block_inputs must be 'auto', 'memory', 'disk' or 'off', got {self.block_inputs!r}"
             ) from None
+        try:
+            object.__setattr__(self, "schedule", Schedule(self.schedule))
+        except ValueError:
+            raise ValueError(
+                f"schedule must be 'joint' or 'two_stage', got {self.schedule!r}"
+            ) from None
+        if not 0 < self.act_stage_fraction <= 1:
+            raise ValueError(
+                f"act_stage_fraction must be in (0, 1], got {self.act_stage_fraction!r}"
+            )
         try:
             object.__setattr__(self, "loss", LossReduction(self.loss))
         except ValueError:

@@ -40,8 +40,9 @@ for _preset in (
     ),
     ReconstructionPreset(
         name="brecq",
-        description="BRECQ (Li et al., 2021): learned rounding and activation steps per block.",
-        paper=ReconstructionConfig(granularity="block"),
+        description="BRECQ (Li et al., 2021): learned rounding per block with float "
+        "activations, then learned activation steps per block with the rounding fixed.",
+        paper=ReconstructionConfig(granularity="block", schedule="two_stage"),
     ),
     ReconstructionPreset(
         name="qdrop",

@@ -42,7 +42,7 @@ from zsq_plugins.reconstruction.assignment import activation_quantizers_by_block
 from zsq_plugins.reconstruction.block_inputs import BlockInputCache, BlockRunner, cache_tensor
 from zsq_plugins.reconstruction.blocks import Block, find_blocks, output_points
 from zsq_plugins.reconstruction.checkpoint import ReconstructionCheckpoint, checkpoint_identity
-from zsq_plugins.reconstruction.config import LossReduction, ReconstructionConfig
+from zsq_plugins.reconstruction.config import LossReduction, ReconstructionConfig, Schedule
 from zsq_plugins.reconstruction.rounding import AdaRoundWeight, LSQActivation
 
 log = logging.getLogger(__name__)
@@ -155,11 +155,15 @@ def reconstruct_block(
     generator: torch.Generator,
     act_handles: list[QuantizerHandle],
     bar: tqdm | None = None,
+    learn_rounding: bool = True,
 ) -> BlockReport:
     """Reconstructs one block; ``act_handles`` are the activation quantizers it learns
-    (assignment.py)."""
+    (assignment.py). Without ``learn_rounding`` the weights keep their rounding (the second
+    stage of BRECQ's schedule learns activation steps only)."""
     model = quantized.model
-    weight_handles = [h for h in quantized.weight_handles() if h.layer in block.layers]
+    weight_handles = [
+        h for h in quantized.weight_handles() if learn_rounding and h.layer in block.layers
+    ]
     started = time.perf_counter()
     probe = images[: config.batch_size]
     with torch.no_grad(), capture_at(model, point) as store:
@@ -229,12 +233,13 @@ def reconstruct_block(
             for h, s in zip(act_handles, steps, strict=True)
         ]
     groups = [{"params": [r.rounding for r in roundings], "lr": config.rounding_lr}]
+    groups = [g for g in groups if g["params"]]
     scale_groups = []
     if learn_scale:
         scale_groups.append({"params": [r.scale for r in roundings], "lr": config.weight_scale_lr})
     if config.learn_act_scales and steps and config.act_scale_lr > 0:
         scale_groups.append({"params": [s.scale for s in steps], "lr": config.act_scale_lr})
-    optimizer = torch.optim.Adam(groups + scale_groups)
+    optimizer = torch.optim.Adam(groups + scale_groups) if groups + scale_groups else None
     scale_params = [p for g in scale_groups for p in g["params"]]
     initial = final = math.nan
     try:
@@ -251,9 +256,10 @@ def reconstruct_block(
                     loss = loss + config.rounding_weight * sum(
                         r.regularizer(beta) for r in roundings
                     )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if optimizer is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
                 for parameter in scale_params:  # a step size must stay positive
                     parameter.data.clamp_(min=1e-8)
                 if config.learn_act_scales:
@@ -315,6 +321,42 @@ def _targets(
     return targets.to(images.device)
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One pass over every block: its configuration, whether it learns the rounding, and
+    whether activations stay float during it; ``label`` prefixes its block names."""
+
+    label: str
+    config: ReconstructionConfig
+    learn_rounding: bool = True
+    float_activations: bool = False
+
+
+def schedule_stages(config: ReconstructionConfig) -> list[Stage]:
+    """``joint``: one pass learning rounding and activation steps together. ``two_stage``
+    (BRECQ): the rounding of every block with activations float, then the activation steps of
+    every block with the rounding fixed, ``act_stage_fraction`` as many steps."""
+    if config.schedule is Schedule.JOINT:
+        return [Stage("", config)]
+    rounding = Stage("rounding:", config.replace(learn_act_scales=False), float_activations=True)
+    if not config.learn_act_scales:
+        return [rounding]
+    steps = max(1, round(config.iterations * config.act_stage_fraction))
+    return [rounding, Stage("activations:", config.replace(iterations=steps), learn_rounding=False)]
+
+
+@contextmanager
+def _activations_off(handles: list[QuantizerHandle]) -> Iterator[None]:
+    """Activation quantizers switched off while a stage learns with float activations."""
+    for handle in handles:
+        handle.set_enabled(False)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.set_enabled(True)
+
+
 def reconstruct(
     quantized: QuantizedModel,
     fp_model: nn.Module,
@@ -340,53 +382,62 @@ def reconstruct(
     quantized.model.eval()
     started = time.perf_counter()
     recorded = {**config.to_dict(), "routine_revision": ROUTINE_REVISION}
+    stages = schedule_stages(config)
+    steps = [(stage, block) for stage in stages for block in blocks]
+    # Switched on now, before a checkpoint's state (saved while a stage held them off) loads.
+    activations = [h for h in quantized.activation_handles() if h.enabled]
     checkpoint = None
     restored: list[BlockReport] = []
     if checkpoint_dir is not None:
-        identity = checkpoint_identity(
-            recorded, seed, images, [b.name for b in blocks], quantized.model
-        )
+        names = [stage.label + block.name for stage, block in steps]
+        identity = checkpoint_identity(recorded, seed, images, names, quantized.model)
         checkpoint = ReconstructionCheckpoint(checkpoint_dir, identity)
         restored = [BlockReport(**r) for r in checkpoint.restore(quantized.model, generator)]
+    for handle in activations:
+        handle.set_enabled(True)
     # A restored state already holds the initialized (and learned) steps.
     if config.init_act_ranges and not restored:
         changed = clip_activations(quantized, images, seed=seed)
         log.info("activation ranges initialized by MSE search: %d changed", len(changed))
     if config.init_weight_steps and not restored:
-        steps = init_weight_steps(quantized, images[:1])
+        searched = init_weight_steps(quantized, images[:1])
         log.info(
             "weight steps initialized by L_p search: %d of %d channels changed",
-            sum(r.changed for r in steps),
-            sum(r.channels for r in steps),
+            sum(r.changed for r in searched),
+            sum(r.channels for r in searched),
         )
     learned_activations = activation_quantizers_by_block(quantized, blocks, images[:1])
     reports = list(restored)
     with tqdm(
-        total=config.iterations * len(blocks),
-        initial=config.iterations * len(restored),
+        total=sum(stage.config.iterations for stage, _ in steps),
+        initial=sum(stage.config.iterations for stage, _ in steps[: len(restored)]),
         desc="reconstruct",
         unit="step",
         disable=not progress,
     ) as bar:
-        for index, block in enumerate(blocks):
-            if index < len(restored):
+        for position, (stage, block) in enumerate(steps):
+            if position < len(restored):
                 continue
+            index = position % len(blocks)
             point = points[index]
             targets = _targets(folded, point, images, config.block_inputs)
-            report = reconstruct_block(
-                quantized,
-                block,
-                point,
-                images,
-                targets,
-                config,
-                generator,
-                learned_activations[index],
-                bar,
-            )
+            with _activations_off(activations if stage.float_activations else []):
+                report = reconstruct_block(
+                    quantized,
+                    block,
+                    point,
+                    images,
+                    targets,
+                    stage.config,
+                    generator,
+                    [] if stage.float_activations else learned_activations[index],
+                    bar,
+                    learn_rounding=stage.learn_rounding,
+                )
+            report = dataclasses.replace(report, name=stage.label + report.name)
             log.info(
                 "block %s: loss on the first batch %.4g -> %.4g (steps: first %.4g, last %.4g)",
-                block.name,
+                report.name,
                 report.plain_loss,
                 report.hard_loss,
                 report.initial_loss,
