@@ -83,10 +83,72 @@ def test_unsupported_operation_is_named():
             self.conv = nn.Conv2d(1, 2, 3)
 
         def forward(self, x):
-            return torch.sigmoid(self.conv(x)).flatten(1)
+            return self.conv(x).transpose(1, 2).flatten(1)
 
-    with pytest.raises(UnsupportedModelError, match="sigmoid"):
+    with pytest.raises(UnsupportedModelError, match="transpose"):
         weight_statistics_targets(Odd(), SHAPE)
+
+
+def test_an_operation_without_a_rule_passes_moments_on_with_a_warning(caplog):
+    """Where the channels stay, an operation without a rule keeps its input's moments (an
+    approximation the warning names); strictness refuses it instead."""
+
+    class Erf(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3)
+
+        def forward(self, x):
+            return self.conv2(torch.erf(self.conv1(x))).flatten(1)
+
+    with caplog.at_level("WARNING", logger="zsq_plugins.synthesis.weight_stats"):
+        targets = weight_statistics_targets(Erf(), SHAPE)
+    assert [t.name for t in targets] == ["conv1", "conv2"]
+    assert "erf" in caplog.text and "unchanged" in caplog.text
+    with pytest.raises(UnsupportedModelError, match="erf"):
+        weight_statistics_targets(Erf(), SHAPE, strict=True)
+
+
+@pytest.mark.parametrize(
+    "module", [nn.GELU(), nn.SiLU(), nn.Hardswish(), nn.Sigmoid(), nn.Tanh(), nn.LeakyReLU(0.1)]
+)
+def test_elementwise_moments_match_sampling(module):
+    from zsq_plugins.synthesis.moments import elementwise_moments
+
+    mean, var = torch.tensor([-1.5, 0.0, 0.7, 2.0]), torch.tensor([0.3, 1.0, 2.5, 0.1])
+    got_mean, got_var = elementwise_moments(module, (mean, var))
+    draws = module(
+        mean + var.sqrt() * torch.randn(400_000, 4, generator=torch.Generator().manual_seed(0))
+    )
+    torch.testing.assert_close(got_mean, draws.mean(0), atol=1e-2, rtol=0)  # 4 sampling sd
+    torch.testing.assert_close(got_var, draws.var(0), atol=4e-3, rtol=2e-2)
+
+
+def test_gelu_gates_products_and_concatenation_follow_measured_moments():
+    """A ConvNeXt/EfficientNet-style mix (GELU, SiLU, a sigmoid gate multiplied in, a layer
+    scale, concatenation): predicted layer-output moments against those measured on inputs
+    the rules' assumptions hold for (independent standard normal features)."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(16, 32)
+            self.gate, self.out = nn.Linear(16, 32), nn.Linear(64, 8)
+
+        def forward(self, x):
+            left = nn.functional.gelu(self.a(x)) * torch.sigmoid(self.gate(x))
+            right = 0.5 * nn.functional.silu(self.b(x))
+            return self.out(torch.cat([left, right], 1))
+
+    model = Mixed().eval()
+    predicted = propagate(fold_batchnorm(model), (16,))
+    x = torch.randn(200_000, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(x)
+    mean, var = predicted["out"]
+    torch.testing.assert_close(mean, out.mean(0), atol=0.02, rtol=0.05)
+    torch.testing.assert_close(var, out.var(0), atol=0.02, rtol=0.1)
 
 
 def test_weight_stats_preset_lowers_its_objective_and_beats_noise_calibration():

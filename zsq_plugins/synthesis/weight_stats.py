@@ -14,8 +14,13 @@ BN-folded graph:
 - linear: E[y] = b + W E[x], Var[y] = W^2 Var[x] (features independent);
 - ReLU / ReLU6 / Hardtanh: exact moments of a Gaussian clamped to [low, high];
 - max pooling over n values: mean and variance of the maximum of n independent Gaussians;
-  average pooling: mean kept, variance divided by n; addition: means and variances add;
-  flatten repeats each channel's moments.
+  average pooling (and a spatial mean): mean kept, variance divided by n; addition and
+  subtraction: means add (subtract), variances add; flatten repeats each channel's moments;
+- GELU, SiLU, Hardswish, sigmoid, tanh and the other elementwise activations: Gauss-Hermite
+  moments (moments.py); a product of tensors as independent factors; concatenation along
+  channels joins their moments.
+An operation without a rule passes its input's moments on unchanged, with a warning, when it
+keeps the channels (refused with ``strict``, and always where the channels change).
 
 The predicted mean and standard deviation of every conv/linear output are targets the engine
 matches (``SynthesisConfig(statistics="weights")``), read at that layer's output, or at its
@@ -26,9 +31,10 @@ underestimated (channels are correlated, and the rule takes them as independent)
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
-from functools import cache
+from collections.abc import Callable
 
 import torch
 import torch.fx
@@ -39,53 +45,22 @@ from zsq_plugins.errors import UnsupportedModelError
 from zsq_plugins.layers import Normalize
 from zsq_plugins.quant.fold import fold_batchnorm, trace
 from zsq_plugins.synthesis.hooks import StatisticsTarget
+from zsq_plugins.synthesis.moments import (
+    Moments,
+    clamped_gaussian,
+    elementwise_moments,
+    max_of_gaussians,
+    product_moments,
+)
 
-Moments = tuple[torch.Tensor, torch.Tensor]  # (mean, variance) per channel or feature
+log = logging.getLogger(__name__)
 
 PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout)
 FLATTEN_CALLS = (torch.flatten,)
 ADD_CALLS = (operator.add, torch.add)
+SUB_CALLS = (operator.sub, torch.sub)
 RELU_CALLS = {torch.relu: (0.0, math.inf), nn.functional.relu: (0.0, math.inf),
               nn.functional.relu6: (0.0, 6.0)}  # fmt: skip
-
-
-def _normal_pdf(x: torch.Tensor) -> torch.Tensor:
-    return torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-
-
-def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (1 + torch.erf(x / math.sqrt(2)))
-
-
-def clamped_gaussian(moments: Moments, low: float, high: float) -> Moments:
-    """Mean and variance of clamp(Y, low, high) for Y ~ N(mean, var), per channel."""
-    mean, var = moments
-    std = var.clamp_min(1e-12).sqrt()
-    alpha = (low - mean) / std
-    beta = (high - mean) / std if math.isfinite(high) else torch.full_like(mean, math.inf)
-    cdf_a, cdf_b = _normal_cdf(alpha), _normal_cdf(beta)
-    pdf_a = _normal_pdf(alpha)
-    pdf_b = torch.where(torch.isfinite(beta), _normal_pdf(beta), torch.zeros_like(beta))
-    beta_pdf = torch.where(torch.isfinite(beta), beta * pdf_b, torch.zeros_like(beta))
-    upper = 0.0 if not math.isfinite(high) else high
-    first = low * cdf_a + upper * (1 - cdf_b) + mean * (cdf_b - cdf_a) + std * (pdf_a - pdf_b)
-    second = (
-        low**2 * cdf_a
-        + upper**2 * (1 - cdf_b)
-        + (mean**2 + var) * (cdf_b - cdf_a)
-        + 2 * mean * std * (pdf_a - pdf_b)
-        + var * (alpha * pdf_a - beta_pdf)
-    )
-    return first, (second - first**2).clamp_min(0.0)
-
-
-@cache
-def max_of_gaussians(n: int) -> tuple[float, float]:
-    """Mean and variance of the maximum of n independent standard normals (Monte Carlo with a
-    fixed seed, 10^6 draws: exact enough for targets, and reproducible)."""
-    draws = torch.randn(1_000_000, n, generator=torch.Generator().manual_seed(0))
-    maxima = draws.max(dim=1).values
-    return float(maxima.mean()), float(maxima.var())
 
 
 def _conv_moments(conv: nn.Conv2d, moments: Moments) -> Moments:
@@ -114,8 +89,70 @@ def _shape(node: torch.fx.Node) -> tuple[int, ...]:
     return tuple(node.meta["tensor_meta"].shape)
 
 
-def propagate(graph: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> dict[str, Moments]:
-    """Predicted output moments of every conv/linear layer of a BN-folded graph, by name."""
+ELEMENTWISE_MODULES: dict[type[nn.Module], Callable[[nn.Module], Callable]] = {
+    nn.GELU: lambda m: lambda x: nn.functional.gelu(x, approximate=m.approximate),
+    nn.SiLU: lambda m: nn.functional.silu,
+    nn.Hardswish: lambda m: nn.functional.hardswish,
+    nn.Sigmoid: lambda m: torch.sigmoid,
+    nn.Hardsigmoid: lambda m: nn.functional.hardsigmoid,
+    nn.Tanh: lambda m: torch.tanh,
+    nn.LeakyReLU: lambda m: lambda x: nn.functional.leaky_relu(x, m.negative_slope),
+    nn.ELU: lambda m: lambda x: nn.functional.elu(x, m.alpha),
+    nn.Mish: lambda m: nn.functional.mish,
+}
+"""Activation modules whose moments come from Gauss-Hermite quadrature (moments.py)."""
+ELEMENTWISE_CALLS = {
+    nn.functional.gelu: nn.functional.gelu, nn.functional.silu: nn.functional.silu,
+    nn.functional.hardswish: nn.functional.hardswish, torch.sigmoid: torch.sigmoid,
+    nn.functional.sigmoid: torch.sigmoid, nn.functional.hardsigmoid: nn.functional.hardsigmoid,
+    torch.tanh: torch.tanh, nn.functional.leaky_relu: nn.functional.leaky_relu,
+}  # fmt: skip
+MUL_CALLS = (operator.mul, torch.mul)
+CONCAT_CALLS = (torch.cat, torch.concat)
+SPATIAL_MEAN_CALLS = (nn.functional.adaptive_avg_pool2d,)
+
+
+def _pooled(incoming: Moments, source: torch.fx.Node, node: torch.fx.Node, maximum: bool):
+    n = math.prod(_shape(source)[2:]) // max(1, math.prod(_shape(node)[2:]))
+    mean, var = incoming
+    if maximum:
+        shift, scale = max_of_gaussians(max(n, 1))
+        return mean + var.sqrt() * shift, var * scale
+    return mean, var / max(n, 1)
+
+
+def _binary(node: torch.fx.Node, values: dict[torch.fx.Node, Moments]) -> Moments | None:
+    """Addition, subtraction or multiplication of two tensors, or of a tensor and a number
+    (None: an operand is neither)."""
+    left, right = node.args[:2]
+    subtract = node.target in (operator.sub, torch.sub)
+    if isinstance(left, torch.fx.Node) and isinstance(right, torch.fx.Node):
+        if left not in values or right not in values:
+            return None
+        if node.target in MUL_CALLS:
+            return product_moments(values[left], values[right])
+        return values[left][0] + (-1 if subtract else 1) * values[right][0], (
+            values[left][1] + values[right][1]
+        )
+    tensor, number = (left, right) if isinstance(left, torch.fx.Node) else (right, left)
+    if tensor not in values or not isinstance(number, int | float):
+        return None
+    mean, var = values[tensor]
+    if node.target in MUL_CALLS:
+        return mean * number, var * number**2
+    if subtract:
+        return (mean - number, var) if tensor is left else (number - mean, var)
+    return mean + number, var
+
+
+def propagate(
+    graph: torch.fx.GraphModule, input_shape: tuple[int, ...], strict: bool = False
+) -> dict[str, Moments]:
+    """Predicted output moments of every conv/linear layer of a BN-folded graph, by name.
+
+    An operation without a rule (the module docstring lists the rules) passes its input's
+    moments on unchanged, with a warning naming it, when its output has the input's channels;
+    with ``strict``, or where the channels change, it is refused."""
     ShapeProp(graph).propagate(torch.zeros(1, *input_shape))
     modules = dict(graph.named_modules())
     values: dict[torch.fx.Node, Moments] = {}
@@ -124,9 +161,68 @@ def propagate(graph: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> dict
     def unsupported(node: torch.fx.Node) -> UnsupportedModelError:
         return UnsupportedModelError(
             f"weight statistics cannot be propagated through {node.op} {node.target!r} "
-            f"(node {node.name}); supported: conv, linear, ReLU/ReLU6/Hardtanh, pooling, "
-            "flatten, addition, dropout. Use another preset (e.g. adversarial or noise)."
+            f"(node {node.name}); supported: conv, linear, clamps, elementwise activations "
+            "(GELU, SiLU, Hardswish, sigmoid, tanh...), pooling, flatten, addition, "
+            "multiplication, concatenation, dropout. Use another preset (e.g. adversarial or "
+            "noise)."
         )
+
+    def rule(node: torch.fx.Node, incoming: Moments | None, source) -> Moments | None:
+        if node.op == "call_module":
+            module = modules[node.target]
+            if isinstance(module, Normalize):
+                channels = _shape(node)[1]
+                return torch.zeros(channels), torch.ones(channels)
+            if incoming is None:
+                return None
+            if isinstance(module, nn.Conv2d):
+                layers[node.target] = _conv_moments(module, incoming)
+                return layers[node.target]
+            if isinstance(module, nn.Linear):
+                layers[node.target] = _linear_moments(module, incoming)
+                return layers[node.target]
+            if isinstance(module, nn.ReLU):
+                return clamped_gaussian(incoming, 0.0, math.inf)
+            if isinstance(module, nn.ReLU6):
+                return clamped_gaussian(incoming, 0.0, 6.0)
+            if isinstance(module, nn.Hardtanh):
+                return clamped_gaussian(incoming, module.min_val, module.max_val)
+            if type(module) in ELEMENTWISE_MODULES:
+                return elementwise_moments(ELEMENTWISE_MODULES[type(module)](module), incoming)
+            if isinstance(module, nn.MaxPool2d | nn.AvgPool2d | nn.AdaptiveAvgPool2d):
+                return _pooled(incoming, source, node, isinstance(module, nn.MaxPool2d))
+            if isinstance(module, nn.Flatten):
+                return _flatten(incoming, _shape(source))
+            if isinstance(module, PASS_THROUGH_MODULES):
+                return incoming
+            return None
+        if node.op == "call_function" and node.target in (*ADD_CALLS, *MUL_CALLS, *SUB_CALLS):
+            return _binary(node, values)
+        if node.op == "call_function" and node.target in CONCAT_CALLS:
+            parts = node.args[0]
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            if dim % len(_shape(node)) != 1 or any(p not in values for p in parts):
+                return None
+            return tuple(torch.cat([values[p][i] for p in parts]) for i in (0, 1))  # type: ignore[return-value]
+        if incoming is None:
+            return None
+        if node.op == "call_function" and node.target in RELU_CALLS:
+            return clamped_gaussian(incoming, *RELU_CALLS[node.target])
+        if node.op == "call_function" and node.target in ELEMENTWISE_CALLS:
+            return elementwise_moments(ELEMENTWISE_CALLS[node.target], incoming)
+        if node.op == "call_function" and node.target in SPATIAL_MEAN_CALLS:
+            return _pooled(incoming, source, node, maximum=False)
+        if (
+            node.op == "call_method"
+            and node.target == "mean"
+            and _shape(node)[1:2] == _shape(source)[1:2]
+        ):
+            return _pooled(incoming, source, node, maximum=False)
+        if (node.op == "call_function" and node.target in FLATTEN_CALLS) or (
+            node.op == "call_method" and node.target in ("flatten", "view", "reshape")
+        ):
+            return _flatten(incoming, _shape(source))
+        return None
 
     for node in graph.graph.nodes:
         if node.op in ("get_attr", "output"):
@@ -137,56 +233,20 @@ def propagate(graph: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> dict
             continue
         source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
         incoming = values.get(source) if source is not None else None
-        if node.op == "call_module":
-            module = modules[node.target]
-            if isinstance(module, Normalize):
-                channels = _shape(node)[1]
-                values[node] = (torch.zeros(channels), torch.ones(channels))
-            elif incoming is None:
+        result = rule(node, incoming, source)
+        if result is None:
+            same_channels = (
+                incoming is not None and len(_shape(node)) > 1
+                and _shape(node)[1] == _shape(source)[1]
+            )  # fmt: skip
+            if strict or not same_channels:
                 raise unsupported(node)
-            elif isinstance(module, nn.Conv2d):
-                values[node] = layers[node.target] = _conv_moments(module, incoming)
-            elif isinstance(module, nn.Linear):
-                values[node] = layers[node.target] = _linear_moments(module, incoming)
-            elif isinstance(module, nn.ReLU):
-                values[node] = clamped_gaussian(incoming, 0.0, math.inf)
-            elif isinstance(module, nn.ReLU6):
-                values[node] = clamped_gaussian(incoming, 0.0, 6.0)
-            elif isinstance(module, nn.Hardtanh):
-                values[node] = clamped_gaussian(incoming, module.min_val, module.max_val)
-            elif isinstance(module, nn.MaxPool2d | nn.AvgPool2d | nn.AdaptiveAvgPool2d):
-                n = math.prod(_shape(source)[2:]) // max(1, math.prod(_shape(node)[2:]))
-                mean, var = incoming
-                if isinstance(module, nn.MaxPool2d):
-                    shift, scale = max_of_gaussians(max(n, 1))
-                    values[node] = (mean + var.sqrt() * shift, var * scale)
-                else:
-                    values[node] = (mean, var / max(n, 1))
-            elif isinstance(module, nn.Flatten):
-                values[node] = _flatten(incoming, _shape(source))
-            elif isinstance(module, PASS_THROUGH_MODULES):
-                values[node] = incoming
-            else:
-                raise unsupported(node)
-        elif node.op == "call_function" and node.target in ADD_CALLS:
-            left, right = node.args[:2]
-            if isinstance(left, torch.fx.Node) and isinstance(right, torch.fx.Node):
-                values[node] = (
-                    values[left][0] + values[right][0],
-                    values[left][1] + values[right][1],
-                )
-            else:
-                tensor, number = (left, right) if isinstance(left, torch.fx.Node) else (right, left)
-                values[node] = (values[tensor][0] + float(number), values[tensor][1])
-        elif node.op == "call_function" and node.target in RELU_CALLS and incoming is not None:
-            values[node] = clamped_gaussian(incoming, *RELU_CALLS[node.target])
-        elif incoming is not None and (
-            (node.op == "call_function" and node.target in FLATTEN_CALLS)
-            or (node.op == "call_method" and node.target in ("flatten", "view", "reshape"))
-        ):
-            values[node] = _flatten(incoming, _shape(source))
-        else:
-            raise unsupported(node)
+            log.warning(
+                "weight statistics: no rule for %s %r (node %s); its input's moments pass "
+                "through unchanged (an approximation)", node.op, node.target, node.name,
+            )  # fmt: skip
+            result = incoming
+        values[node] = result
     return layers
 
 
@@ -196,14 +256,14 @@ def _flatten(moments: Moments, shape: tuple[int, ...]) -> Moments:
 
 
 def weight_statistics_targets(
-    model: nn.Module, input_shape: tuple[int, ...]
+    model: nn.Module, input_shape: tuple[int, ...], strict: bool = False
 ) -> list[StatisticsTarget]:
     """Targets for every conv/linear output of ``model``, derived from its weights.
 
     Computed on the BN-folded graph; a layer followed by BatchNorm is read at the BN's output
     (the folded conv's output), so the rule also runs on BN models, ignoring their BN statistics.
     """
-    predicted = propagate(fold_batchnorm(model).cpu(), input_shape)
+    predicted = propagate(fold_batchnorm(model).cpu(), input_shape, strict)
     original = trace(model)
     modules = dict(model.named_modules())
     targets = []
