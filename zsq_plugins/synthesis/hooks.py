@@ -34,6 +34,9 @@ class StatisticsTarget:
     std: torch.Tensor
     on_output: bool = False
     eps: float = 1e-5
+    channel_axis: int = 1
+    """Where the channels lie in the tensor read (the last axis for a linear layer applied to
+    tokens or channel-last maps)."""
 
 
 def batchnorm_targets(
@@ -62,6 +65,9 @@ class StatisticsCapture:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _record(self, index: int, x: torch.Tensor, eps: float) -> None:
+        axis = self.targets[index].channel_axis % x.dim()
+        if axis != 1:
+            x = x.movedim(axis, 1)
         flat = x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)  # (N, C, P)
         sample_var, sample_mean = torch.var_mean(flat, dim=2, correction=0)
         batch_mean = sample_mean.mean(0)

@@ -1,0 +1,135 @@
+"""Weight-statistics propagation through the layers of BN-free models as users have them:
+a channel-last ConvNeXt-style CNN (depthwise 7x7, permute, LayerNorm, GELU MLP, layer scale)
+and a small vision transformer (patch embedding, class token, position embeddings,
+nn.TransformerEncoder). Predicted per-channel moments are compared with those measured on
+inputs the rules assume (each image smooth: one value per image), and weight-stats runs on
+both models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from zsq_plugins import synthesize
+from zsq_plugins.errors import UnsupportedModelError
+from zsq_plugins.quant.fold import fold_batchnorm
+from zsq_plugins.synthesis.propagation import Propagation, propagate
+from zsq_plugins.synthesis.weight_stats import weight_statistics_targets
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.pw1, self.act, self.pw2 = nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x):
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.gamma * self.pw2(self.act(self.pw1(y)))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class TinyConvNeXt(nn.Module):
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(1, c, 4, stride=4)
+        self.blocks = nn.Sequential(ConvNeXtBlock(c), ConvNeXtBlock(c))
+        self.norm, self.head = nn.LayerNorm(c), nn.Linear(c, 10)
+
+    def forward(self, x):
+        return self.head(self.norm(self.blocks(self.stem(x)).mean((2, 3))))
+
+
+class TinyViT(nn.Module):
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.patch = nn.Conv2d(1, d, 4, stride=4)
+        self.cls = nn.Parameter(0.1 * torch.randn(1, 1, d))
+        self.pos = nn.Parameter(0.1 * torch.randn(1, 17, d))
+        layer = nn.TransformerEncoderLayer(
+            d, 4, 2 * d, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 10)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], 1) + self.pos
+        return self.head(self.norm(self.encoder(tokens)[:, 0]))
+
+
+MODELS = {"convnext": (TinyConvNeXt, (1, 64, 64)), "vit": (TinyViT, (1, 16, 16))}
+POINTWISE = {
+    "convnext": ["blocks.0.pw1", "blocks.0.pw2", "blocks.1.pw1", "blocks.1.pw2"],
+    "vit": [f"encoder.layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)],
+}
+
+
+def _measured(model: nn.Module, shape: tuple[int, ...], names: list[str], axes: dict):
+    """Per-channel mean and variance of each named layer's output on smooth images (one
+    standard normal value per image), read with autograd on as synthesis runs the model."""
+    x = torch.randn(4000, 1, 1, 1, generator=torch.Generator().manual_seed(0)).expand(4000, *shape)
+    seen = {}
+    modules = dict(model.named_modules())
+    hooks = [
+        modules[n].register_forward_hook(lambda _, a, out, n=n: seen.setdefault(n, out.detach()))
+        for n in names
+    ]
+    try:
+        model(x.contiguous().requires_grad_())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    result = {}
+    for name in names:
+        out = seen[name].movedim(axes[name], -1)
+        flat = out.reshape(-1, out.shape[-1])
+        result[name] = flat.mean(0), flat.var(0)
+    return result
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_channel_last_blocks_and_transformers_follow_measured_moments(kind):
+    build, shape = MODELS[kind]
+    model = build().eval()
+    propagation = Propagation(fold_batchnorm(model), strict=True)
+    predicted = propagation.run(shape)
+    assert set(POINTWISE[kind]) <= set(predicted) and "head" in predicted
+    measured = _measured(model, shape, POINTWISE[kind], propagation.axes)
+    for name in POINTWISE[kind]:
+        (mean, var), (real_mean, real_var) = predicted[name], measured[name]
+        correlation = torch.corrcoef(torch.stack([mean, real_mean]))[0, 1]
+        ratio = (var / real_var).sqrt().median()
+        assert correlation > 0.8, (name, float(correlation))
+        assert 0.6 < ratio < 1.8, (name, float(ratio))  # attention: an upper bound
+    assert all(propagation.axes[name] == len(shape) for name in POINTWISE["convnext"]
+               if kind == "convnext")  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_weight_stats_synthesizes_for_bn_free_models_of_today(kind):
+    build, shape = MODELS[kind]
+    model = build().eval()
+    targets = weight_statistics_targets(model, shape)
+    assert {t.name for t in targets} >= set(POINTWISE[kind])
+    data = synthesize(model, 8, "weight-stats", input_shape=shape, iterations=3, batch_size=8,
+                      progress=False)  # fmt: skip
+    assert data.images.shape == (8, *shape) and torch.isfinite(data.images).all()
+
+
+def test_a_permute_that_the_next_layer_cannot_read_is_refused():
+    class Wrong(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(6, 2)
+
+        def forward(self, x):  # channels moved to the last axis, then a linear over width
+            return self.fc(self.conv(x).permute(0, 3, 2, 1).transpose(2, 3))
+
+    with pytest.raises(UnsupportedModelError, match="fc"):
+        propagate(fold_batchnorm(Wrong()), (1, 8, 8))
