@@ -297,6 +297,15 @@ def build(
     modules = dict(folded.named_modules())
     float_layers = _blacklist(options.get("name_blacklist", ()), modules)
     layers = quantizable_layers(folded)
+    # Layers inside a module torch.fx keeps whole (nn.TransformerEncoder, nn.MultiheadAttention,
+    # whose functional forward reads out_proj's weight without calling it) are not in the
+    # graph: they stay float, as in fx and PT2E, rather than quantized where nothing reads it.
+    called = {name for name, _ in layers}
+    float_layers |= {
+        name
+        for name, module in modules.items()
+        if isinstance(module, nn.Conv2d | nn.Linear) and name not in called
+    }
     eight_bit = eight_bit_layers(layers, spec)
     inputs = _layer_inputs(folded)
     consumers: dict[torch.fx.Node, list[str]] = {}

@@ -31,6 +31,7 @@ from torch import nn
 
 from zsq_plugins.adapter import HandleBase, QuantizedModel, QuantizerKind
 from zsq_plugins.adapters.nncf_options import OPTIONS, load_nncf, nncf_arguments
+from zsq_plugins.errors import UnsupportedModelError
 from zsq_plugins.quant.export import ContainerFakeQuantize, bake_weight
 from zsq_plugins.quant.fold import fold_batchnorm, trace
 from zsq_plugins.quant.reference import eight_bit_layers, quantizable_layers
@@ -408,6 +409,7 @@ class NNCFAdapter:
         options: dict[str, Any] | None = None,
     ) -> QuantizedModel:
         nncf = load_nncf()
+        refuse_unsupported(model)
         advanced = _advanced_parameters(spec)
         if spec.fold_batchnorm:
             folded = fold_batchnorm(model)
@@ -422,6 +424,7 @@ class NNCFAdapter:
         preset = nncf.QuantizationPreset.MIXED if mixed else nncf.QuantizationPreset.PERFORMANCE
         defaults = {"preset": preset, "subset_size": batches, "advanced_parameters": advanced}
         arguments = nncf_arguments(defaults, options or {})
+        arguments["ignored_scope"] = with_norms_ignored(arguments.get("ignored_scope"), folded)
         quantized = nncf.quantize(fp_model, dataset, **arguments)
         hooks = [point for _, point, _ in _named_quantizers(quantized)]
         topology = _Topology(fp_model, example_input, hooks)
@@ -476,3 +479,43 @@ class NNCFAdapter:
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             )  # fmt: skip
         return path
+
+
+NORM_TYPES = {nn.LayerNorm: "layer_norm", nn.GroupNorm: "group_norm"}
+"""Normalization layers NNCF is told to leave alone (by its op type). NNCF 3.4 gives their
+1-D weight a per-channel quantizer and fills it with a per-tensor statistic, which fails
+inside NNCF (``RuntimeError: shape '[C]' is invalid for input of size 1``,
+min_max/torch_backend.py); torch.ao and PT2E leave layer norms float too."""
+
+
+def with_norms_ignored(scope: Any, folded: nn.Module) -> Any:
+    """``scope`` (the user's nncf.IgnoredScope, or None) with the op types of the model's
+    LayerNorm/GroupNorm layers added (NORM_TYPES)."""
+    nncf = load_nncf()
+    present = sorted({name for kind, name in NORM_TYPES.items()
+                      if any(isinstance(m, kind) for m in folded.modules())})  # fmt: skip
+    if not present:
+        return scope
+    if scope is None:
+        return nncf.IgnoredScope(types=present, validate=False)
+    return nncf.IgnoredScope(
+        names=list(scope.names),
+        patterns=list(scope.patterns),
+        types=sorted({*scope.types, *present}),
+        subgraphs=list(scope.subgraphs),
+        validate=False,
+    )
+
+
+def refuse_unsupported(model: nn.Module) -> None:
+    """Fails before any work on constructs NNCF 3.4's torch backend cannot quantize."""
+    attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if attention:
+        raise UnsupportedModelError(
+            f"NNCF {load_nncf().__version__} cannot quantize nn.MultiheadAttention "
+            f"({attention[0]}{' and others' if len(attention) > 1 else ''}): its torch backend "
+            "finds no constant weight for the attention's functional projections "
+            "(InternalError: Could not find a constant node in the model graph). Quantize "
+            "this model with fx, pt2e or brevitas, or write the attention with nn.Linear "
+            "projections."
+        )

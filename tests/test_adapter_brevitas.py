@@ -138,3 +138,18 @@ def test_errors():
         adapter.quantize(model, QuantSpec(), [], x)
     with pytest.raises(ValueError, match="per tensor"):
         adapter.quantize(model, QuantSpec(act_granularity="per_channel"), [x], x)
+
+
+def test_layers_inside_modules_fx_keeps_whole_stay_float_as_in_fx():
+    """nn.TransformerEncoder is one node for torch.fx: its linears (and nn.MultiheadAttention's
+    out_proj, whose weight the functional forward reads without calling it) stay float, so
+    Brevitas quantizes the same layers as fx instead of failing on them."""
+    from tests.test_propagation import TinyViT
+    from zsq_plugins import apply
+
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    layers = {}
+    for toolkit in ("brevitas", "fx"):
+        _, report = apply(TinyViT().eval(), toolkit, "W8A8", data=x, progress=False)
+        layers[toolkit] = sorted(h.layer for h in report.quantized.weight_handles())
+    assert layers["brevitas"] == layers["fx"] == ["head", "patch"]

@@ -129,3 +129,28 @@ def test_errors():
         adapter.quantize(model, QuantSpec(), iter([]), x)
     with pytest.raises(ValueError, match="per_tensor"):
         adapter.quantize(model, QuantSpec(act_granularity="per_channel"), [x], x)
+
+
+def test_layer_norm_models_quantize_with_their_norms_left_float():
+    """NNCF 3.4 fails on LayerNorm's 1-D weight (a per-channel quantizer filled with a
+    per-tensor statistic); the adapter leaves layer norms float, as torch.ao does, and a
+    ConvNeXt-style model quantizes, close to FP32 at W8A8."""
+    from tests.test_propagation import TinyConvNeXt
+    from zsq_plugins import apply
+
+    model = TinyConvNeXt().eval()
+    x = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    quantized, report = apply(model, "nncf", "W8A8", data=x, progress=False)
+    with torch.no_grad():
+        error = (quantized(x) - model(x)).norm() / model(x).norm()
+    assert error < 0.05, float(error)
+    assert len(report.quantized.weight_handles()) == 8  # every conv and linear
+
+
+def test_multihead_attention_is_refused_before_any_work():
+    from tests.test_propagation import TinyViT
+    from zsq_plugins import apply
+    from zsq_plugins.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=r"nn.MultiheadAttention.*fx, pt2e"):
+        apply(TinyViT().eval(), "nncf", "W8A8", data=torch.rand(4, 1, 16, 16), progress=False)
