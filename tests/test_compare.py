@@ -432,3 +432,29 @@ def test_a_cell_stopped_during_reconstruction_resumes_after_its_last_block(tmp_p
     assert len(rows) == 1 and rows[0]["top1"] is not None
     assert started[0] == first_run[2], (first_run, started)  # after the two finished blocks
     assert not any(checkpoints.iterdir())
+
+
+def test_reconstruction_overrides_reach_every_reconstructed_cell(tmp_path, monkeypatch):
+    """[grid.reconstruction] sets ReconstructionConfig fields of every reconstructed cell (its
+    recorded configuration says so, and a cell recorded without them is stale); a wrong field
+    fails when the config is read."""
+    import zsq_plugins
+
+    seen, original = [], zsq_plugins.apply
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("reconstruct_options"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(zsq_plugins, "apply", recording)
+    config = small(specs=["W4A4"], reconstruct=["none", "genie-m"], test_samples=32,
+                   reconstruction={"loss": "spatial_mean", "iterations": 2})  # fmt: skip
+    rows = run_grid(config, tmp_path, progress=False, plots=False)
+    assert seen == [None, {"loss": "spatial_mean", "iterations": 2}]
+    recorded = {r["reconstruct"]: r["reconstruction_config"] for r in rows}
+    assert recorded["genie-m"]["loss"] == "spatial_mean" and recorded["none"] is None
+    assert config.protocol()["reconstruction"] == {"loss": "spatial_mean", "iterations": 2}
+    assert len(run_grid(config, tmp_path, progress=False, plots=False)) == 2  # both current
+    assert len(seen) == 2
+    with pytest.raises(ValueError, match="unknown reconstruction option"):
+        small(reconstruction={"los": "sum"})

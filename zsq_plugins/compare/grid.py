@@ -87,6 +87,9 @@ class GridConfig:
     synthesis: dict[str, Any] = dataclasses.field(default_factory=dict)
     """SynthesisConfig overrides for every generator preset of the grid, e.g.
     ``{"iterations": 50, "batch_size": 32}`` (a TOML table ``[grid.synthesis]``)."""
+    reconstruction: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """ReconstructionConfig overrides for every reconstructed cell, after its preset and
+    budget, e.g. ``{"loss": "spatial_mean"}`` (a TOML table ``[grid.reconstruction]``)."""
     quant: dict[str, Any] = dataclasses.field(default_factory=dict)
     """QuantSpec fields for every label of ``specs``, e.g. ``{"overflow_fix": false}`` for
     the literature's full 8-bit first and last layers (a TOML table ``[grid.quant]``)."""
@@ -141,6 +144,14 @@ class GridConfig:
         from zsq_plugins.synthesis import SynthesisConfig
 
         SynthesisConfig().replace(**self.synthesis)  # unknown or invalid fields fail now
+        if not isinstance(self.reconstruction, dict):
+            raise ValueError(
+                "reconstruction must be a table of ReconstructionConfig fields, got "
+                f"{self.reconstruction!r}"
+            )
+        from zsq_plugins.reconstruction.config import ReconstructionConfig
+
+        ReconstructionConfig().replace(**self.reconstruction)  # fails now, not in a cell
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GridConfig:
@@ -225,6 +236,7 @@ class GridConfig:
             # Options that were left at their defaults stay out, so that a folder made before
             # an option existed keeps its protocol.
             **({"quant": self.quant} if self.quant else {}),
+            **({"reconstruction": self.reconstruction} if self.reconstruction else {}),
             **({"toolkit_options": self.toolkit_options} if self.toolkit_options else {}),
             **({"user_models": self.user_models} if self.user_models else {}),
             **({"imagenet_folder": True} if self.imagenet_folder else {}),

@@ -58,6 +58,7 @@ def run_cell(
         seed=config.seed,
         reconstruct_budget=config.reconstruct_budget,
         reconstruct_checkpoint=checkpoint_dir if reconstruct is not None else None,
+        reconstruct_options=(config.reconstruction or None) if reconstruct is not None else None,
         progress=progress,
         toolkit_options=config.toolkit_options.get(cell.toolkit),
         **CALIBRATIONS[cell.calibration],

@@ -23,18 +23,19 @@ log = logging.getLogger(__name__)
 
 
 def reconstruction_config(
-    preset: str, budget: str, macs: int | None = None
+    preset: str, budget: str, macs: int | None = None, overrides: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
     """The configuration reconstruction ``preset`` (``none``: no reconstruction, None) runs
     with now at ``budget`` (``auto`` needs the model's ``macs`` per image), and the routine's
     revision; a result that recorded another one is stale (``same_reconstruction``)."""
     if preset == NO_RECONSTRUCTION:
         return None
-    config = RECONSTRUCTIONS.get(preset).config(budget)
+    # In zsq_plugins.reconstruct's order: the overrides, then the auto budget's steps.
+    config = RECONSTRUCTIONS.get(preset).config(budget).replace(**(overrides or {}))
     if Budget.parse(budget) is Budget.AUTO:
         if macs is None:
             raise ValueError("the auto budget depends on the model: pass its macs")
-        config = auto_budget(macs).scale_reconstruction(config)
+        config = auto_budget(macs).scale_reconstruction(config, fixed=overrides or {})
     return {**config.to_dict(), "routine_revision": ROUTINE_REVISION}
 
 
@@ -95,7 +96,9 @@ class GridResults:
             return None
         budget = self.config.reconstruct_budget
         macs = self.macs(cell.model) if Budget.parse(budget) is Budget.AUTO else None
-        current = reconstruction_config(cell.reconstruct, budget, macs)
+        current = reconstruction_config(
+            cell.reconstruct, budget, macs, self.config.reconstruction
+        )
         if not same_reconstruction(result.get("reconstruction_config"), current):
             log.warning(
                 "%s was reconstructed with another configuration of %r (its preset or a default "
