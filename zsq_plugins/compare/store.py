@@ -96,9 +96,7 @@ class GridResults:
             return None
         budget = self.config.reconstruct_budget
         macs = self.macs(cell.model) if Budget.parse(budget) is Budget.AUTO else None
-        current = reconstruction_config(
-            cell.reconstruct, budget, macs, self.config.reconstruction
-        )
+        current = reconstruction_config(cell.reconstruct, budget, macs, self.config.reconstruction)
         if not same_reconstruction(result.get("reconstruction_config"), current):
             log.warning(
                 "%s was reconstructed with another configuration of %r (its preset or a default "
