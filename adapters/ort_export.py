@@ -19,7 +19,7 @@ def _levels(
     quantizer: FakeQuant, value: torch.Tensor, scale: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``value``'s integer levels on ``quantizer``'s grid (with ``scale`` for its steps)."""
-    own_scale, zero_point = quantizer._params(value)
+    own_scale, zero_point = quantizer.params(value)
     scale = own_scale if scale is None else scale.reshape(own_scale.shape)
     levels = torch.round(value / scale) + zero_point
     return torch.clamp(levels, quantizer.quant_min, quantizer.quant_max)

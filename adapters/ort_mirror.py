@@ -55,7 +55,7 @@ class FakeQuant(nn.Module):
         self.container_min, self.container_max = int(container_min), int(container_max)
         """The ONNX integer type's range: levels narrower than it need a Clip in ONNX."""
 
-    def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.axis is None:
             return self.scale[0], self.zero_point[0]
         shape = [1] * x.dim()
@@ -65,7 +65,7 @@ class FakeQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.enabled):
             return x
-        scale, zero_point = self._params(x)
+        scale, zero_point = self.params(x)
         steps = x / scale + zero_point
         levels = torch.clamp(torch.round(x / scale) + zero_point, self.quant_min, self.quant_max)
         value = (levels - zero_point) * scale
@@ -122,6 +122,7 @@ class MirrorLayer(nn.Module):
 
     def __init__(
         self,
+        name: str,
         op: str,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -129,7 +130,8 @@ class MirrorLayer(nn.Module):
         inner_padding: tuple[int, ...],
     ) -> None:
         super().__init__()
-        self.op = op
+        self.name, self.op = name, op
+        """The FP model's module name of the layer, and its ONNX op type."""
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.weight_quant: FakeQuant | None = None
@@ -272,9 +274,7 @@ class QDQMirror(nn.Module):
         inner = tuple(getattr(module, "padding", (0, 0)))
         if isinstance(getattr(module, "padding", 0), str):
             raise UnsupportedModelError(f"layer {name}: string padding is not mirrored")
-        layer = MirrorLayer(node.op_type, module.weight, module.bias, attrs, inner)
-        layer.layer_name = name  # type: ignore[attr-defined]
-        layer.onnx_node = node.name  # type: ignore[attr-defined]
+        layer = MirrorLayer(name, node.op_type, module.weight, module.bias, attrs, inner)
         if quantized:
             layer.weight_quant = quant_for(name, layer)
         outer: list[int] = []
@@ -331,7 +331,7 @@ def _place(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def weight_handles(mirror: QDQMirror) -> list[MirrorHandle]:
     return [
-        MirrorHandle(layer.layer_name, QuantizerKind.WEIGHT, layer.weight_quant)  # type: ignore[attr-defined]
+        MirrorHandle(layer.name, QuantizerKind.WEIGHT, layer.weight_quant)
         for kind, layer, *_ in mirror.steps
         if kind == "layer" and layer.weight_quant is not None
     ]
