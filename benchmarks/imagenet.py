@@ -208,6 +208,12 @@ def render() -> str:
         out.append(markdown_table(cost, list(cost[0]), digits=1))
         if record.get("environment"):
             out.append(environment_footer(record["environment"]))
+    if (RESULTS / "sensitivity.json").is_file():
+        out.append(
+            "\n## Per-layer sensitivity\n\nWhich quantizers alone take the model away from "
+            "FP32 at 4 bits: [sensitivity table](imagenet/sensitivity.md) "
+            "(`python benchmarks/sensitivity.py`).\n"
+        )
     generation = (_load(RESULTS / "generation.json") or {}).get("sets", [])
     if generation:
         out.append("\n## Generation\n\n")
