@@ -42,8 +42,8 @@ def test_zero_shot_apply_with_a_preset():
         "reconstruct",
         "total",
     }
-    assert report.clipping is None and report.timings_s["clip"] < 0.01
-    assert report.adaptive_bn is None and report.timings_s["abn"] < 0.01
+    # Steps not asked for leave no result (their phases are timed, as empty, on any machine).
+    assert report.clipping is None and report.adaptive_bn is None
     assert report.reconstruction is None
     assert report.quantized.model is quantized
     # first conv and last linear: 8-bit, less the overflow fix's bit (their inputs are 8-bit)
