@@ -11,13 +11,18 @@ STAMP := $(VENV)/.installed-$(TORCH_VERSION)-$(subst $(comma),-,$(EXTRAS))
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export NNCF_EXTENSION_LOAD_TIMEOUT := 0
 
-.PHONY: demo test setup data lint
+.PHONY: demo test test-quick setup data lint
 
 demo: setup data
 	$(VENV)/bin/zsq demo
 
 test: setup data
 	$(PYTHON) -m pytest
+
+# The quick lane while developing: everything but the tests marked slow (end-to-end runs,
+# documented examples, drift alarms). CI runs the whole suite (make test).
+test-quick: setup data
+	$(PYTHON) -m pytest -m "not slow and not benchmark"
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

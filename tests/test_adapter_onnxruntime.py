@@ -135,6 +135,7 @@ def quantize_with(model: nn.Module, options: dict):
     ), data
 
 
+@pytest.mark.slow
 def test_apply_returns_the_session_and_it_saves_and_reloads(tmp_path):
     from zsq_plugins.adapters.onnxruntime_adapter import OnnxRuntimeModel
     from zsq_plugins.saving import save_quantized
@@ -213,6 +214,7 @@ def test_an_op_the_mirror_cannot_run_is_named():
         adapter.quantize(_Erf().eval(), QuantSpec.parse("W8A8"), data, data[0][:1])
 
 
+@pytest.mark.slow
 def test_the_command_line_quantizes_and_exports(tmp_path, capsys):
     import json
 

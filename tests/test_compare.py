@@ -434,6 +434,7 @@ def test_a_cell_stopped_during_reconstruction_resumes_after_its_last_block(tmp_p
     assert not any(checkpoints.iterdir())
 
 
+@pytest.mark.slow
 def test_reconstruction_overrides_reach_every_reconstructed_cell(tmp_path, monkeypatch):
     """[grid.reconstruction] sets ReconstructionConfig fields of every reconstructed cell (its
     recorded configuration says so, and a cell recorded without them is stale); a wrong field
