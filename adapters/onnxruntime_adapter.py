@@ -20,6 +20,7 @@ nn.Module, which is what ``apply`` returns.
 from __future__ import annotations
 
 import tempfile
+import traceback
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -47,7 +48,8 @@ from zsq_plugins.quant.reference import eight_bit_layers, layer_bits, quantizabl
 from zsq_plugins.reporting import write_bytes_atomic
 from zsq_plugins.spec import Granularity, QuantSpec, Symmetry
 
-OPSET = 13
+OPSET = 17
+"""LayerNormalization is an ONNX op from opset 17 on (before, a chain of elementwise ops)."""
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")
 DEFAULT_CALIBRATION_METHOD = "MinMax"
@@ -128,7 +130,17 @@ def float_onnx(folded: nn.Module, example_input: torch.Tensor, folder: Path) -> 
 
     exported, prepared = folder / "fp.onnx", folder / "fp_prepared.onnx"
     _export_float(folded, example_input[:1].detach().cpu().float(), exported)
-    quant_pre_process(str(exported), str(prepared))
+    try:
+        quant_pre_process(str(exported), str(prepared))
+    except Exception as error:  # ORT's shape inference raises bare assertions, among others
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        raise UnsupportedModelError(
+            "ONNX Runtime's pre-processing (quant_pre_process: symbolic shape inference and "
+            f"graph optimization) fails on this model: {type(error).__name__} {error} at "
+            f"{Path(where.filename).name}:{where.lineno}. It is ORT's own limitation (seen "
+            "with nn.TransformerEncoder's attention); quantize this model with fx, pt2e or "
+            "brevitas."
+        ) from error
     return prepared.read_bytes()
 
 
@@ -141,15 +153,17 @@ def _layer_names(model: Any, folded: nn.Module) -> dict[str, str]:
     layers = dict(quantizable_layers(folded))
     names: dict[str, str] = {}
     for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         weight = node.input[1]
         candidate = weight.removesuffix(".weight")
-        if candidate in layers:
+        if candidate in layers and node.op_type != "MatMul":
             names[node.name] = candidate
             continue
         if weight in initializers:
             values = torch.from_numpy(numpy_helper.to_array(initializers[weight]).copy())
+            if node.op_type == "MatMul":  # a Linear on tokens: its weight, transposed
+                values = values.T if values.dim() == 2 else values
             match = [n for n, m in layers.items() if m.weight.shape == values.shape
                      and torch.equal(m.weight.detach(), values)]  # fmt: skip
             if len(match) == 1:

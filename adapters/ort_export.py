@@ -97,11 +97,13 @@ def to_onnx(mirror: QDQMirror, model: Any) -> Any:
                     scale = _fitting_weight_scale(layer, weight_quant, float(input_quant.scale[0]))
                 zero_point_type = numpy_helper.to_array(initializers[weight_dq.input[2]]).dtype
                 levels = _levels(weight_quant, layer.weight.detach(), scale.float())
+                if layer.op == "MatMul":  # ONNX holds torch's Linear weight transposed
+                    levels = levels.T
                 write(weight_dq.input[0], levels.numpy().astype(zero_point_type))
                 write(weight_dq.input[1], scale.float().numpy())
                 write(weight_dq.input[2], weight_quant.zero_point.numpy().astype(zero_point_type))
             else:
-                as_float(weight_dq, layer.weight)
+                as_float(weight_dq, layer.weight.T if layer.op == "MatMul" else layer.weight)
         if not has_bias:
             continue
         if bias_dq is None and producers.get(node.input[2]) is None:

@@ -28,7 +28,9 @@ from zsq_plugins.adapter import HandleBase, QuantizerKind
 from zsq_plugins.adapters.ort_ops import OPS, attributes
 from zsq_plugins.errors import UnsupportedModelError
 
-LAYER_OPS = ("Conv", "Gemm")
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
+"""Ops mirrored as layers when their second input is a constant weight (MatMul: torch's Linear
+on tokens or channel-last maps, its weight stored transposed, its bias added by an Add)."""
 
 
 class FakeQuant(nn.Module):
@@ -142,7 +144,7 @@ class MirrorLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight if self.weight_quant is None else self.weight_quant(self.weight)
-        if self.op == "Gemm":
+        if self.op in ("Gemm", "MatMul"):
             return F.linear(x, weight, self.bias)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -199,10 +201,19 @@ class QDQMirror(nn.Module):
         self.steps: list[tuple[str, Any, list[str], list[str], dict[str, Any]]] = []
         groups: dict[tuple[str, str], int] = {}
 
+        # Constants ORT quantized that are no layer's weight or bias (LayerNorm's parameters,
+        # an Add's or Mul's constant input): kept at their dequantized values, ORT's own.
+        dequantized = {
+            node.output[0]: _dequantize(node, initializers)
+            for node in graph.node
+            if node.op_type == "DequantizeLinear" and node.input[0] in initializers
+        }
+
         def constant(name: str) -> str:
             if name not in self._constant_names:
                 key = f"c{len(self._constant_names)}"
-                value = torch.from_numpy(np.array(initializers[name]))
+                raw = dequantized[name] if name in dequantized else initializers[name]
+                value = torch.from_numpy(np.array(raw))
                 self.ort_constants.register_buffer(key, value)
                 self._constant_names[name] = key
             return self._constant_names[name]
@@ -243,7 +254,7 @@ class QDQMirror(nn.Module):
                     ("quant", index, [node.input[0]], [d.output[0] for d in dequantizers], {})
                 )
                 continue
-            if node.op_type in LAYER_OPS:
+            if node.op_type in LAYER_OPS and _reads_a_weight(node, producers, initializers):
                 self.steps.append(self._layer_step(node, producers, initializers, layer_names,
                                                    float_layers, weight_quant_for))  # fmt: skip
                 continue
@@ -252,8 +263,8 @@ class QDQMirror(nn.Module):
                     f"the onnxruntime adapter cannot mirror ONNX op {node.op_type} "
                     f"({node.name}); mirrored: {', '.join(sorted([*OPS, *LAYER_OPS]))}"
                 )
-            inputs = [("const", constant(n)) if n in initializers else ("env", n)
-                      for n in node.input]  # fmt: skip
+            inputs = [("const", constant(n)) if n in initializers or n in dequantized
+                      else ("env", n) for n in node.input]  # fmt: skip
             self.steps.append(("op", node.op_type, inputs, list(node.output), attributes(node)))
         for group in self.groups:
             self.ort_quantizers.append(activation_quant_for(group))
@@ -274,7 +285,9 @@ class QDQMirror(nn.Module):
         inner = tuple(getattr(module, "padding", (0, 0)))
         if isinstance(getattr(module, "padding", 0), str):
             raise UnsupportedModelError(f"layer {name}: string padding is not mirrored")
-        layer = MirrorLayer(name, node.op_type, module.weight, module.bias, attrs, inner)
+        # A MatMul's bias, if any, is the separate Add that follows it in the ONNX graph.
+        bias = None if node.op_type == "MatMul" else module.bias
+        layer = MirrorLayer(name, node.op_type, module.weight, bias, attrs, inner)
         if quantized:
             layer.weight_quant = quant_for(name, layer)
         outer: list[int] = []
@@ -315,6 +328,37 @@ class QDQMirror(nn.Module):
             return value
         low, high = bounds
         return torch.clamp(value, low, high)
+
+
+def _dequantize(node: Any, initializers: dict[str, np.ndarray]) -> np.ndarray:
+    """A DequantizeLinear of constant inputs, computed: (q - zero point) x scale."""
+    values = initializers[node.input[0]].astype(np.float32)
+    scale = initializers[node.input[1]].astype(np.float32)
+    zero_point = (
+        initializers[node.input[2]].astype(np.float32)
+        if len(node.input) > 2 and node.input[2]
+        else np.zeros_like(scale)
+    )
+    if scale.ndim == 1 and scale.size > 1:  # per axis
+        axis = attributes(node).get("axis", 1) % values.ndim
+        shape = [1] * values.ndim
+        shape[axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    return ((values - zero_point) * scale).astype(np.float32)
+
+
+def _reads_a_weight(node: Any, producers: dict[str, Any], initializers: dict[str, Any]) -> bool:
+    """Whether a Conv/Gemm/MatMul multiplies by a constant weight (its second input an
+    initializer, or ORT's dequantized one): a layer; else an activation product (attention)."""
+    source = node.input[1]
+    if source in initializers:
+        return True
+    producer = producers.get(source)
+    return (
+        producer is not None
+        and producer.op_type == "DequantizeLinear"
+        and producer.input[0] in initializers
+    )
 
 
 def _place(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -79,6 +79,13 @@ def _reduce_mean(x: torch.Tensor, attrs: dict[str, Any], axes: Any = None) -> to
     return x.mean(dim=tuple(axes), keepdim=keep) if axes else x.mean()
 
 
+def _layer_norm(inputs: list[Any], attrs: dict[str, Any]) -> torch.Tensor:
+    x = inputs[0]
+    axis = attrs.get("axis", -1) % x.dim()
+    bias = inputs[2] if len(inputs) > 2 else None
+    return F.layer_norm(x, x.shape[axis:], inputs[1], bias, attrs.get("epsilon", 1e-5))
+
+
 # op type -> f(inputs, attributes); inputs are tensors (or None for an empty input name).
 OPS: dict[str, Callable[[list[Any], dict[str, Any]], torch.Tensor]] = {
     "Relu": lambda i, a: torch.relu(i[0]),
@@ -101,4 +108,9 @@ OPS: dict[str, Callable[[list[Any], dict[str, Any]], torch.Tensor]] = {
     "Identity": lambda i, a: i[0],
     "Softmax": lambda i, a: torch.softmax(i[0], dim=a.get("axis", -1)),
     "ReduceMean": lambda i, a: _reduce_mean(i[0], a, i[1] if len(i) > 1 else None),
+    "Erf": lambda i, a: torch.erf(i[0]),
+    "Pow": lambda i, a: torch.pow(i[0], i[1]),
+    "Sqrt": lambda i, a: torch.sqrt(i[0]),
+    "MatMul": lambda i, a: torch.matmul(i[0], i[1]),
+    "LayerNormalization": lambda i, a: _layer_norm(i, a),
 }

@@ -197,21 +197,59 @@ def test_a_dead_channel_keeps_its_bias():
     assert gap <= 0.01, float(gap)
 
 
-class _Erf(nn.Module):
+class _Cosine(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3)
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.erf(self.conv(x)).mean((2, 3)))
+        return self.fc(torch.cos(self.conv(x)).mean((2, 3)))
 
 
 def test_an_op_the_mirror_cannot_run_is_named():
     adapter = get_adapter("onnxruntime")
     data = [torch.rand(4, 1, 8, 8)]
-    with pytest.raises(UnsupportedModelError, match=r"cannot mirror ONNX op Erf"):
-        adapter.quantize(_Erf().eval(), QuantSpec.parse("W8A8"), data, data[0][:1])
+    with pytest.raises(UnsupportedModelError, match=r"cannot mirror ONNX op Cos"):
+        adapter.quantize(_Cosine().eval(), QuantSpec.parse("W8A8"), data, data[0][:1])
+
+
+def test_a_convnext_style_model_reconstructs_and_deploys():
+    """Channel-last blocks (LayerNorm, GELU as Erf, pointwise linears as MatMul with their
+    bias in an Add, a layer scale): the mirror runs them, reconstruction learns every linear
+    and the session reproduces the mirror."""
+    from tests.test_propagation import TinyConvNeXt
+
+    model = TinyConvNeXt().eval()
+    generator = torch.Generator().manual_seed(0)
+    data = [torch.rand(16, 1, 32, 32, generator=generator) for _ in range(2)]
+    adapter = get_adapter("onnxruntime")
+    quantized = adapter.quantize(model, QuantSpec.parse("W4A8"), data, data[0][:2])
+    layers = sorted(h.layer for h in quantized.weight_handles())
+    assert layers == sorted(
+        n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)
+    )
+    held_out = torch.rand(64, 1, 32, 32, generator=generator)
+    with torch.no_grad():
+        before = quantized.model(held_out).clone()
+    config = ReconstructionConfig(iterations=10, batch_size=16)
+    report = reconstruct(quantized, model, torch.cat(data), config, progress=False)
+    assert all(block.fidelity <= 1e-5 for block in report.blocks)
+    with torch.no_grad():
+        mirror, deployed = quantized.model(held_out), adapter.deploy(quantized)(held_out)
+    # A random model's logits lie close together, so a level flip can swap a top-1 now and then.
+    assert (mirror.argmax(1) == deployed.argmax(1)).float().mean() >= 0.9
+    gap, moved = (mirror - deployed).abs().mean(), (mirror - before).abs().mean()
+    assert gap <= 0.1 * moved, (float(gap), float(moved))
+
+
+def test_a_model_orts_preprocessing_rejects_is_refused_with_the_reason():
+    from tests.test_propagation import TinyViT
+
+    adapter = get_adapter("onnxruntime")
+    data = [torch.rand(4, 1, 16, 16)]
+    with pytest.raises(UnsupportedModelError, match=r"pre-processing.*fx, pt2e or brevitas"):
+        adapter.quantize(TinyViT().eval(), QuantSpec.parse("W8A8"), data, data[0][:1])
 
 
 @pytest.mark.slow
