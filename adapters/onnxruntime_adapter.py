@@ -247,7 +247,13 @@ class OnnxRuntimeAdapter:
                 f"calibrate_method {method_name!r} is not one of ORT's: "
                 f"{', '.join(CALIBRATION_METHODS)}"
             )
-        folded = float_graph(model, spec.fold_batchnorm).eval()
+        if not spec.fold_batchnorm:
+            raise UnsupportedModelError(
+                "the onnxruntime adapter quantizes BN-folded models only: ORT's pre-processing "
+                "folds BatchNorm into the convolutions itself. Use fold_batchnorm=True, or "
+                "another toolkit to keep BatchNorm apart."
+            )
+        folded = float_graph(model).eval()
         layers = quantizable_layers(folded)
         eight_bit = eight_bit_layers(layers, spec)
         bits = layer_bits(layers, spec)

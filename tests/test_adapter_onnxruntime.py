@@ -270,3 +270,11 @@ def test_the_command_line_quantizes_and_exports(tmp_path, capsys):
     saved = [*argv, "--save", str(tmp_path / "saved"), "--no-progress"]
     assert main(saved) != 0
     assert "model.save(path)" in capsys.readouterr().err
+
+
+def test_unfolded_batchnorm_is_refused_before_any_work():
+    adapter = get_adapter("onnxruntime")
+    data = [torch.rand(4, 1, 8, 8)]
+    spec = QuantSpec.parse("W8A8", fold_batchnorm=False)
+    with pytest.raises(UnsupportedModelError, match="fold_batchnorm=True"):
+        adapter.quantize(tiny_model("relu"), spec, data, data[0][:1])
