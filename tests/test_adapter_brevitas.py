@@ -144,8 +144,8 @@ def test_layers_inside_modules_fx_keeps_whole_stay_float_as_in_fx():
     """nn.TransformerEncoder is one node for torch.fx: its linears (and nn.MultiheadAttention's
     out_proj, whose weight the functional forward reads without calling it) stay float, so
     Brevitas quantizes the same layers as fx instead of failing on them."""
-    from tests.test_propagation import TinyViT
     from zsq_plugins import apply
+    from zsq_plugins.testing_models import TinyViT
 
     x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     layers = {}

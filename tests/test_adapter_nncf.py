@@ -135,8 +135,8 @@ def test_layer_norm_models_quantize_with_their_norms_left_float():
     """NNCF 3.4 fails on LayerNorm's 1-D weight (a per-channel quantizer filled with a
     per-tensor statistic); the adapter leaves layer norms float, as torch.ao does, and a
     ConvNeXt-style model quantizes, close to FP32 at W8A8."""
-    from tests.test_propagation import TinyConvNeXt
     from zsq_plugins import apply
+    from zsq_plugins.testing_models import TinyConvNeXt
 
     model = TinyConvNeXt().eval()
     x = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -148,9 +148,9 @@ def test_layer_norm_models_quantize_with_their_norms_left_float():
 
 
 def test_multihead_attention_is_refused_before_any_work():
-    from tests.test_propagation import TinyViT
     from zsq_plugins import apply
     from zsq_plugins.errors import UnsupportedModelError
+    from zsq_plugins.testing_models import TinyViT
 
     with pytest.raises(UnsupportedModelError, match=r"nn.MultiheadAttention.*fx, pt2e"):
         apply(TinyViT().eval(), "nncf", "W8A8", data=torch.rand(4, 1, 16, 16), progress=False)

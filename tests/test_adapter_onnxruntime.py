@@ -218,7 +218,7 @@ def test_a_convnext_style_model_reconstructs_and_deploys():
     """Channel-last blocks (LayerNorm, GELU as Erf, pointwise linears as MatMul with their
     bias in an Add, a layer scale): the mirror runs them, reconstruction learns every linear
     and the session reproduces the mirror."""
-    from tests.test_propagation import TinyConvNeXt
+    from zsq_plugins.testing_models import TinyConvNeXt
 
     model = TinyConvNeXt().eval()
     generator = torch.Generator().manual_seed(0)
@@ -244,7 +244,7 @@ def test_a_convnext_style_model_reconstructs_and_deploys():
 
 
 def test_a_model_orts_preprocessing_rejects_is_refused_with_the_reason():
-    from tests.test_propagation import TinyViT
+    from zsq_plugins.testing_models import TinyViT
 
     adapter = get_adapter("onnxruntime")
     data = [torch.rand(4, 1, 16, 16)]

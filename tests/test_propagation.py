@@ -16,52 +16,7 @@ from zsq_plugins.errors import UnsupportedModelError
 from zsq_plugins.quant.fold import fold_batchnorm
 from zsq_plugins.synthesis.propagation import Propagation, propagate
 from zsq_plugins.synthesis.weight_stats import weight_statistics_targets
-
-
-class ConvNeXtBlock(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
-        self.norm = nn.LayerNorm(c)
-        self.pw1, self.act, self.pw2 = nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c)
-        self.gamma = nn.Parameter(torch.full((c,), 0.5))
-
-    def forward(self, x):
-        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
-        y = self.gamma * self.pw2(self.act(self.pw1(y)))
-        return x + y.permute(0, 3, 1, 2)
-
-
-class TinyConvNeXt(nn.Module):
-    def __init__(self, c: int = 16) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = nn.Conv2d(1, c, 4, stride=4)
-        self.blocks = nn.Sequential(ConvNeXtBlock(c), ConvNeXtBlock(c))
-        self.norm, self.head = nn.LayerNorm(c), nn.Linear(c, 10)
-
-    def forward(self, x):
-        return self.head(self.norm(self.blocks(self.stem(x)).mean((2, 3))))
-
-
-class TinyViT(nn.Module):
-    def __init__(self, d: int = 32) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.patch = nn.Conv2d(1, d, 4, stride=4)
-        self.cls = nn.Parameter(0.1 * torch.randn(1, 1, d))
-        self.pos = nn.Parameter(0.1 * torch.randn(1, 17, d))
-        layer = nn.TransformerEncoderLayer(
-            d, 4, 2 * d, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 10)
-
-    def forward(self, x):
-        tokens = self.patch(x).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], 1) + self.pos
-        return self.head(self.norm(self.encoder(tokens)[:, 0]))
-
+from zsq_plugins.testing_models import TinyConvNeXt, TinyViT
 
 MODELS = {"convnext": (TinyConvNeXt, (1, 64, 64)), "vit": (TinyViT, (1, 16, 16))}
 POINTWISE = {

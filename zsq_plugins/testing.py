@@ -32,6 +32,7 @@ from torch import nn
 
 from zsq_plugins.adapter import Adapter, QuantizedModel, QuantizerHandle, QuantizerKind
 from zsq_plugins.capture import float_weight, plain_tensor
+from zsq_plugins.errors import UnsupportedModelError
 from zsq_plugins.layers import Normalize
 from zsq_plugins.quant.adaptive_bn import adapt_batchnorm, layer_moments
 from zsq_plugins.quant.clipping import clip_activations
@@ -42,69 +43,29 @@ from zsq_plugins.reconstruction.config import ReconstructionConfig
 from zsq_plugins.reconstruction.rounding import LSQActivation
 from zsq_plugins.reconstruction.routine import reconstruct
 from zsq_plugins.spec import QuantSpec
+from zsq_plugins.testing_models import (  # the tiny models, here for the template's users too
+    TinyConvNet,
+    TinyConvNeXt,
+    TinyReLU6Net,
+    TinyViT,
+    tiny_model,
+)
+
+__all__ = [
+    "CHECKS",
+    "TinyConvNeXt",
+    "TinyConvNet",
+    "TinyReLU6Net",
+    "TinyViT",
+    "check_adapter",
+    "quantize_tiny",
+    "run_check",
+    "tiny_model",
+]  # fmt: skip
 
 
 class CheckSkipped(Exception):
     """A check that cannot run here (an optional package is missing); not a failure."""
-
-
-class TinyConvNet(nn.Module):
-    """Conv-BN-ReLU x2 + linear on 1x8x8 inputs: small enough for any unit test."""
-
-    def __init__(self, num_classes: int = 4) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.relu2 = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu1(self.bn1(self.conv1(x)))
-        x = self.relu2(self.bn2(self.conv2(x)))
-        return self.fc(self.pool(x).flatten(1))
-
-
-class TinyReLU6Net(nn.Module):
-    """Conv-BN-ReLU6, a residual add and a linear head: the patterns adapters must handle."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.normalize = Normalize((0.5,), (0.25,))
-        self.stem = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU6()
-        )
-        self.body = nn.Sequential(
-            nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU6()
-        )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(self.normalize(x))
-        x = x + self.body(x)
-        return self.fc(self.flatten(self.pool(x)))
-
-
-def tiny_model(kind: str) -> nn.Module:
-    """``relu6``: TinyReLU6Net; ``relu``: input normalization + TinyConvNet. BatchNorm
-    statistics are randomized so that folding them matters."""
-    torch.manual_seed(0)
-    if kind == "relu6":
-        model: nn.Module = TinyReLU6Net()
-    else:
-        model = nn.Sequential(Normalize((0.5,), (0.25,)), TinyConvNet())
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            with torch.no_grad():
-                module.running_mean.uniform_(-0.3, 0.3)
-                module.running_var.uniform_(0.5, 1.5)
-                module.weight.uniform_(0.5, 1.5)
-    return model.eval()
 
 
 def quantize_tiny(
@@ -585,6 +546,26 @@ def check_deployed_model_reproduces_the_routine(adapter: Adapter) -> None:
     _require(gap <= 0.1 * moved, f"deployed logits {gap:.3g} off; reconstruction moved {moved:.3g}")
 
 
+def check_layer_norm_and_attention_models(adapter: Adapter) -> None:
+    """A BN-free ConvNeXt-style CNN (LayerNorm, GELU, channel-last linears, layer scale) and a
+    small vision transformer (nn.TransformerEncoder): each is quantized at W8A8 close to FP32
+    (every handle describing its quantizer's grid) or refused before any work with a typed
+    error that says why (UnsupportedModelError), never a toolkit's raw exception."""
+    for model, shape in ((TinyConvNeXt().eval(), (1, 32, 32)), (TinyViT().eval(), (1, 16, 16))):
+        generator = torch.Generator().manual_seed(0)
+        data = [torch.rand(16, *shape, generator=generator) for _ in range(2)]
+        try:
+            quantized = adapter.quantize(model, QuantSpec.parse("W8A8"), data, data[0][:2])
+        except UnsupportedModelError as refusal:
+            _require(str(refusal), f"{type(model).__name__}: a refusal without a reason")
+            continue
+        _require(quantized.weight_handles(), f"{type(model).__name__}: no weight quantized")
+        with torch.no_grad():
+            expected = model(data[1])
+            error = (unwrap(quantized.model(data[1])) - expected).norm() / expected.norm()
+        _require(error < 0.05, f"{type(model).__name__}: W8A8 {error:.1%} off FP32")
+
+
 CHECKS: tuple[Callable[[Adapter], None], ...] = (
     check_spec_is_honoured,
     check_switched_off_equals_folded_fp32,
@@ -601,6 +582,7 @@ CHECKS: tuple[Callable[[Adapter], None], ...] = (
     check_reconstruction_learns_every_activation_quantizer,
     check_reconstruction_resumes_from_a_checkpoint,
     check_deployed_model_reproduces_the_routine,
+    check_layer_norm_and_attention_models,
 )
 """Every conformance check, in the order ``check_adapter`` runs them."""
 
