@@ -14,17 +14,6 @@ import torch
 
 from zsq_plugins.adapters.ort_mirror import FakeQuant, QDQMirror
 
-
-def _levels(
-    quantizer: FakeQuant, value: torch.Tensor, scale: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``value``'s integer levels on ``quantizer``'s grid (with ``scale`` for its steps)."""
-    own_scale, zero_point = quantizer.params(value)
-    scale = own_scale if scale is None else scale.reshape(own_scale.shape)
-    levels = torch.round(value / scale) + zero_point
-    return torch.clamp(levels, quantizer.quant_min, quantizer.quant_max)
-
-
 INT32_MAX = 2**31 - 1
 
 
@@ -53,6 +42,7 @@ def to_onnx(mirror: QDQMirror, model: Any) -> Any:
     graph = exported.graph
     initializers = {i.name: i for i in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
+    by_name = {node.name: node for node in graph.node}
     replaced: dict[str, Any] = {}  # node name -> its replacement (None: removed)
     added_nodes: dict[str, list[Any]] = {}  # node name -> nodes to put before it
     added_after: dict[str, list[Any]] = {}  # node name -> nodes to put after it
@@ -96,7 +86,7 @@ def to_onnx(mirror: QDQMirror, model: Any) -> Any:
                 if integer_bias:
                     scale = _fitting_weight_scale(layer, weight_quant, float(input_quant.scale[0]))
                 zero_point_type = numpy_helper.to_array(initializers[weight_dq.input[2]]).dtype
-                levels = _levels(weight_quant, layer.weight.detach(), scale.float())
+                levels = weight_quant.levels(layer.weight.detach(), scale.float())
                 if layer.op == "MatMul":  # ONNX holds torch's Linear weight transposed
                     levels = levels.T
                 write(weight_dq.input[0], levels.numpy().astype(zero_point_type))
@@ -126,45 +116,41 @@ def to_onnx(mirror: QDQMirror, model: Any) -> Any:
         write(group["scale"], quantizer.scale.numpy().astype(np.float32))
         write(group["zero_point"], quantizer.zero_point.numpy().astype(zero_point_type))
         narrower = (quantizer.quant_min, quantizer.quant_max) != tuple(group["container"])
-        for node in graph.node:
-            if node.op_type == "QuantizeLinear" and node.name in group["nodes"]:
-                if not bool(quantizer.enabled):
-                    replaced[node.name] = helper.make_node(
-                        "Identity", [node.input[0]], list(node.output), name=node.name
-                    )
-                elif narrower:
-                    scale, zero_point = float(quantizer.scale[0]), float(quantizer.zero_point[0])
-                    low, high = f"{group['scale']}_zsq_low", f"{group['scale']}_zsq_high"
-                    levels = ((low, quantizer.quant_min), (high, quantizer.quant_max))
-                    if low not in initializers:
-                        for name, level in levels:
-                            bound = np.array((level - zero_point) * scale, np.float32)
-                            tensor = numpy_helper.from_array(bound, name)
-                            graph.initializer.append(tensor)
-                            initializers[name] = graph.initializer[-1]
-                    clipped = f"{node.input[0]}_zsq_clip{index}"
-                    clip = helper.make_node(
-                        "Clip", [node.input[0], low, high], [clipped], name=f"{node.name}_zsq_clip"
-                    )
-                    added_nodes[node.name] = [clip]
-                    rewired = onnx.NodeProto()
-                    rewired.CopyFrom(node)
-                    rewired.input[0] = clipped
-                    replaced[node.name] = rewired
-            elif (
-                node.op_type == "DequantizeLinear"
-                and not bool(quantizer.enabled)
-                and node.output[0] in group["outputs"]
-            ):
+        for node in (by_name[name] for name in group["nodes"]):  # its QuantizeLinear nodes
+            if not bool(quantizer.enabled):
                 replaced[node.name] = helper.make_node(
                     "Identity", [node.input[0]], list(node.output), name=node.name
                 )
+            elif narrower:
+                scale, zero_point = float(quantizer.scale[0]), float(quantizer.zero_point[0])
+                low, high = f"{group['scale']}_zsq_low", f"{group['scale']}_zsq_high"
+                levels = ((low, quantizer.quant_min), (high, quantizer.quant_max))
+                if low not in initializers:
+                    for name, level in levels:
+                        bound = np.array((level - zero_point) * scale, np.float32)
+                        graph.initializer.append(numpy_helper.from_array(bound, name))
+                        initializers[name] = graph.initializer[-1]
+                clipped = f"{node.input[0]}_zsq_clip{index}"
+                clip = helper.make_node(
+                    "Clip", [node.input[0], low, high], [clipped], name=f"{node.name}_zsq_clip"
+                )
+                added_nodes[node.name] = [clip]
+                rewired = onnx.NodeProto()
+                rewired.CopyFrom(node)
+                rewired.input[0] = clipped
+                replaced[node.name] = rewired
+        if not bool(quantizer.enabled):
+            for dequantizer in (producers[out] for out in group["outputs"]):
+                replaced[dequantizer.name] = helper.make_node(
+                    "Identity", [dequantizer.input[0]], list(dequantizer.output),
+                    name=dequantizer.name,
+                )  # fmt: skip
 
-    group_of_input = {}
-    for index, group in enumerate(mirror.groups):
-        for node in graph.node:
-            if node.name in group["nodes"]:
-                group_of_input[node.input[0]] = index
+    group_of_input = {
+        by_name[name].input[0]: index
+        for index, group in enumerate(mirror.groups)
+        for name in group["nodes"]
+    }
     for name, (low, high) in mirror.removed_activations.items():
         index = group_of_input.get(name)
         quantizer = mirror.ort_quantizers[index] if index is not None else None

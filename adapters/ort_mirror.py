@@ -64,13 +64,27 @@ class FakeQuant(nn.Module):
         shape[self.axis] = -1
         return self.scale.view(shape), self.zero_point.view(shape)
 
+    def _quantized(
+        self, x: torch.Tensor, scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x / scale``, its integer levels on the grid, and the scale and zero point as
+        broadcast (``scale``: other steps than the quantizer's own)."""
+        own_scale, zero_point = self.params(x)
+        scale = own_scale if scale is None else scale.reshape(own_scale.shape)
+        ratio = x / scale
+        levels = torch.clamp(torch.round(ratio) + zero_point, self.quant_min, self.quant_max)
+        return ratio, levels, scale, zero_point
+
+    def levels(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``'s integer levels on this grid (with ``scale`` for its steps)."""
+        return self._quantized(x, scale)[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.enabled):
             return x
-        scale, zero_point = self.params(x)
-        steps = x / scale + zero_point
-        levels = torch.clamp(torch.round(x / scale) + zero_point, self.quant_min, self.quant_max)
+        ratio, levels, scale, zero_point = self._quantized(x)
         value = (levels - zero_point) * scale
+        steps = ratio + zero_point
         inside = (steps >= self.quant_min - 0.5) & (steps <= self.quant_max + 0.5)
         return value.detach() + (x - x.detach()) * inside
 
@@ -225,7 +239,7 @@ class QDQMirror(nn.Module):
                 if node.input[0] in initializers:
                     raise UnsupportedModelError(f"a QuantizeLinear of a constant: {node.name}")
                 key = (node.input[1], node.input[2])
-                dequantizers = [c for c in consumers.get(node.output[0], [])]
+                dequantizers = list(consumers.get(node.output[0], []))
                 if not dequantizers or any(d.op_type != "DequantizeLinear" for d in dequantizers):
                     raise UnsupportedModelError(f"QuantizeLinear {node.name} without its pair")
                 if key not in groups:

@@ -120,8 +120,13 @@ def conv_moments(conv: nn.Conv2d, moments: Moments) -> Moments:
 
 def linear_moments(linear: nn.Linear, moments: Moments) -> Moments:
     """Linear output moments per feature (input features independent)."""
-    weight = linear.weight.detach()
-    mean = weight @ moments[0] + (linear.bias.detach() if linear.bias is not None else 0.0)
+    return affine_moments(linear.weight, linear.bias, moments)
+
+
+def affine_moments(weight: torch.Tensor, bias: torch.Tensor | None, moments: Moments) -> Moments:
+    """Moments of ``x @ weight.T + bias`` for independent input features."""
+    weight = weight.detach()
+    mean = weight @ moments[0] + (bias.detach() if bias is not None else 0.0)
     return mean, weight.pow(2) @ moments[1]
 
 
@@ -205,12 +210,7 @@ class Propagation:
         else:
             weight = module.v_proj_weight
         bias = module.in_proj_bias[2 * embed :] if module.in_proj_bias is not None else None
-        value = nn.Linear(weight.shape[1], embed, bias=bias is not None)
-        value.weight.data, value.bias = (
-            weight.detach(),
-            (None if bias is None else nn.Parameter(bias.detach())),
-        )
-        v = x.like(linear_moments(value, x.moments))  # softmax(qk^T) v keeps v's moments
+        v = x.like(affine_moments(weight, bias, x.moments))  # softmax(qk^T) v keeps v's moments
         # No target for out_proj: the module's functional forward reads its weight without
         # calling it, so a hook there would never see its output.
         return x.like(linear_moments(module.out_proj, v.moments))
