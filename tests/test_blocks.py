@@ -4,6 +4,8 @@ from torch import nn
 from zsq_plugins import zoo
 from zsq_plugins.quant.fold import fold_batchnorm
 from zsq_plugins.reconstruction.blocks import BlockKind, find_blocks, output_points
+from zsq_plugins.zoo.architectures import ARCHITECTURES
+from zsq_plugins.zoo.vit import SelfAttention
 
 
 def _graph(name: str):
@@ -74,3 +76,51 @@ def test_layer_by_layer_the_output_point_is_a_layer_that_reads_it():
     assert points["stages.1.0.conv2.0"] == "stages.1.1.conv1.0"
     assert points["stages.1.0.shortcut.0"] == "stages.1.1.conv1.0"
     assert points["fc"] is None
+
+
+def _architecture(name: str):
+    return fold_batchnorm(ARCHITECTURES[name]().eval())
+
+
+def test_a_vision_transformer_gives_one_block_per_encoder_layer():
+    graph = _architecture("vit_fmnist")
+    blocks = find_blocks(graph)
+    layers = [b for b in blocks if b.kind is BlockKind.TRANSFORMER]
+    assert [b.name for b in layers] == [f"layers.{i}" for i in range(6)]
+    assert layers[0].layers == tuple(
+        f"layers.0.{name}"
+        for name in ("attn.query", "attn.key", "attn.value", "attn.proj", "fc1", "fc2")
+    )
+    assert [b.kind for b in (blocks[0], blocks[-1])] == [BlockKind.CHAIN, BlockKind.HEAD]
+    assert [layer for b in blocks for layer in b.layers] == _layers(graph)
+    assert output_points(graph, blocks) == [b.layers[0] for b in blocks[1:]] + [None]
+
+
+def test_a_post_norm_encoder_layer_keeps_its_norm_inside_the_block():
+    class PostNorm(nn.Module):
+        def __init__(self, width: int = 16) -> None:
+            super().__init__()
+            self.attn = SelfAttention(width, 2)
+            self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+            self.fc1, self.fc2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+            self.head = nn.Linear(width, 3)
+
+        def forward(self, x):
+            x = self.norm1(x + self.attn(x))
+            x = self.norm2(x + self.fc2(self.fc1(x).relu()))
+            return self.head(x.mean(1))
+
+    graph = fold_batchnorm(PostNorm().eval())
+    blocks = find_blocks(graph)
+    assert [b.kind for b in blocks] == [BlockKind.TRANSFORMER, BlockKind.HEAD]
+    assert "norm1" in blocks[0].nodes and len(blocks[0].layers) == 6
+
+
+def test_a_convnext_block_is_one_residual_block():
+    blocks = find_blocks(_architecture("convnext_fmnist"))
+    residual = [b for b in blocks if b.kind is BlockKind.RESIDUAL]
+    assert [b.name for b in residual] == ["stages.0.0", "stages.0.1", "stages.2.0", "stages.2.1"]
+    assert residual[0].layers == tuple(
+        f"stages.0.0.{name}" for name in ("dwconv", "pwconv1", "pwconv2")
+    )
+    assert [b.kind for b in blocks].count(BlockKind.TRANSFORMER) == 0

@@ -17,11 +17,33 @@ from zsq_plugins.quant.fold import fold_batchnorm
 from zsq_plugins.synthesis.propagation import Propagation, propagate
 from zsq_plugins.synthesis.weight_stats import weight_statistics_targets
 from zsq_plugins.testing_models import TinyConvNeXt, TinyViT
+from zsq_plugins.zoo.vit import ViTFMNIST
 
-MODELS = {"convnext": (TinyConvNeXt, (1, 64, 64)), "vit": (TinyViT, (1, 16, 16))}
+
+def _vit_with_heads() -> nn.Module:
+    """The zoo's ViT, small, its attention written out with heads (split, scaled, merged
+    back), default-initialized so that every layer moves the moments; inputs taken as
+    already normalized, as the measurement feeds them."""
+    torch.manual_seed(0)
+    model = ViTFMNIST(width=32, depth=2, heads=4)
+    model.normalize = nn.Identity()
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.reset_parameters()
+    return model
+
+
+MODELS = {
+    "convnext": (TinyConvNeXt, (1, 64, 64)),
+    "vit": (TinyViT, (1, 16, 16)),
+    "vit_heads": (_vit_with_heads, (1, 28, 28)),
+}
 POINTWISE = {
     "convnext": ["blocks.0.pw1", "blocks.0.pw2", "blocks.1.pw1", "blocks.1.pw2"],
     "vit": [f"encoder.layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)],
+    "vit_heads": [
+        f"layers.{i}.{name}" for i in (0, 1) for name in ("attn.value", "attn.proj", "fc1", "fc2")
+    ],
 }
 
 
@@ -60,8 +82,13 @@ def test_channel_last_blocks_and_transformers_follow_measured_moments(kind):
         (mean, var), (real_mean, real_var) = predicted[name], measured[name]
         correlation = torch.corrcoef(torch.stack([mean, real_mean]))[0, 1]
         ratio = (var / real_var).sqrt().median()
+        # The means fall out of order if the heads' axes are tracked wrongly (0.42 at
+        # layers.1.attn.proj with head and head_dim swapped). Variances: attention's is an
+        # upper bound, and the projection after it sums features that all follow one value
+        # per image, which the linear rule takes as independent.
         assert correlation > 0.8, (name, float(correlation))
-        assert 0.6 < ratio < 1.8, (name, float(ratio))  # attention: an upper bound
+        high = 2.6 if name.endswith("attn.proj") else 1.8
+        assert 0.6 < ratio < high, (name, float(ratio))
     assert all(propagation.axes[name] == len(shape) for name in POINTWISE["convnext"]
                if kind == "convnext")  # fmt: skip
 

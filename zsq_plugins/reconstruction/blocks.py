@@ -2,7 +2,9 @@
 
 - residual blocks: everything between an addition's fork point (the latest node both of its
   operands depend on) and the addition, plus an activation applied right after it (ResNet's
-  basic block, MobileNetV2's inverted residual);
+  basic block, MobileNetV2's inverted residual, ConvNeXt's block);
+- transformer encoder layers: a residual block holding attention (a softmax) and the residual
+  block forked from its sum (the feed-forward), as one block;
 - plain chains: the conv/linear layers outside residual blocks, split where the signal is
   pooled or flattened (VGG's stages; MobileNetV2's non-residual inverted residuals);
 - the classifier head: the linear layers after the last pooling/flatten.
@@ -46,6 +48,7 @@ class Granularity(str, Enum):
 
 class BlockKind(str, Enum):
     RESIDUAL = "residual"
+    TRANSFORMER = "transformer"
     CHAIN = "chain"
     HEAD = "head"
     LAYER = "layer"
@@ -73,6 +76,47 @@ def _is_addition(node: torch.fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in ADDITIONS
     return node.op == "call_method" and node.target in ("add", "add_")
+
+
+def _is_softmax(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], nn.Softmax)
+    if node.op == "call_function":
+        return node.target in (torch.softmax, nn.functional.softmax)
+    return node.op == "call_method" and node.target == "softmax"
+
+
+def _encoder_layers(
+    blocks: list[tuple[BlockKind, list[torch.fx.Node]]],
+    forks: dict[int, torch.fx.Node],
+    modules: dict[str, nn.Module],
+) -> list[tuple[BlockKind, list[torch.fx.Node]]]:
+    """Merges each attention residual with the residual forked from its sum (a pre-norm
+    encoder layer's feed-forward) or from the norm of its sum (post-norm), in the order the
+    blocks were found."""
+    attends = [any(_is_softmax(n, modules) for n in members) for _, members in blocks]
+    merged: list[tuple[BlockKind, list[torch.fx.Node]]] = []
+    index = 0
+    while index < len(blocks):
+        kind, members = blocks[index]
+        follower = index + 1
+        fork = forks.get(follower)
+        between = (
+            [fork] if fork is not None and fork.op == "call_module"
+            and isinstance(modules[fork.target], nn.LayerNorm)
+            and fork.all_input_nodes == [members[-1]] else []
+        )  # fmt: skip
+        if (
+            kind is BlockKind.RESIDUAL and attends[index] and follower < len(blocks)
+            and blocks[follower][0] is BlockKind.RESIDUAL and not attends[follower]
+            and (fork is members[-1] or between)
+        ):  # fmt: skip
+            merged.append((BlockKind.TRANSFORMER, members + between + blocks[follower][1]))
+            index += 2
+            continue
+        merged.append((kind, members))
+        index += 1
+    return merged
 
 
 def _splits(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -173,6 +217,7 @@ def find_blocks(
 
     owner: dict[torch.fx.Node, int] = {}  # node -> index of the block that holds it
     blocks: list[tuple[BlockKind, list[torch.fx.Node]]] = []
+    forks: dict[int, torch.fx.Node] = {}  # residual block index -> its fork point
 
     if predicate is not None:
         for name, module in graph_module.named_modules():
@@ -208,7 +253,10 @@ def find_blocks(
             continue  # nested in a user block
         for member in members:
             owner[member] = len(blocks)
+        forks[len(blocks)] = fork
         blocks.append((BlockKind.RESIDUAL, members))
+    blocks = _encoder_layers(blocks, forks, modules)
+    owner = {node: index for index, (_, members) in enumerate(blocks) for node in members}
 
     # Plain chains: runs of unowned nodes holding layers, split at pooling/flattening.
     last_split = max((position[n] for n in order if _splits(n, modules)), default=-1)

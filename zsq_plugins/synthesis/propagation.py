@@ -14,9 +14,11 @@ written where it is made:
   group, over its channels and positions;
 - attention: the output of softmax(q k^T) v is a convex combination of v's tokens, so it
   keeps v's channel means; its variance is taken as v's (an upper bound, reached when each
-  query attends to one token). ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and
-  ``nn.TransformerEncoder`` (leaves for torch.fx) are propagated through their own layers,
-  whose linears get targets too;
+  query attends to one token). Written out with heads, the channels are split over two axes
+  (heads, head_dim) and followed through the transposes until they are merged back.
+  ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder``
+  (leaves for torch.fx) are propagated through their own layers, whose linears get targets
+  too;
 - a tensor concatenated with or added to a parameter (a class token, position embeddings):
   the parameter's values along the other axes are taken as a distribution per channel;
 - picking tokens (``x[:, 0]``) keeps the channel moments.
@@ -53,6 +55,7 @@ PASS_THROUGH_METHODS = ("contiguous", "clone", "float", "to", "detach")
 ADD_CALLS = (operator.add, torch.add)
 SUB_CALLS = (operator.sub, torch.sub)
 MUL_CALLS = (operator.mul, torch.mul)
+DIV_CALLS = (operator.truediv, torch.div)
 MATMUL_CALLS = (operator.matmul, torch.matmul, torch.bmm)
 CONCAT_CALLS = (torch.cat, torch.concat)
 CLAMP_CALLS = {torch.relu: (0.0, math.inf), nn.functional.relu: (0.0, math.inf),
@@ -84,13 +87,25 @@ class Stat:
     mean: torch.Tensor
     var: torch.Tensor
     axis: int
+    group: tuple[int, ...] = ()
+    """When the channels are split over several axes (attention heads: heads, then head_dim),
+    those axes, outermost first (``axis`` is then the first); empty otherwise."""
 
     @property
     def moments(self) -> Moments:
         return self.mean, self.var
 
+    @property
+    def axes(self) -> tuple[int, ...]:
+        return self.group or (self.axis,)
+
     def like(self, moments: Moments, axis: int | None = None) -> Stat:
-        return Stat(moments[0], moments[1], self.axis if axis is None else axis)
+        if axis is None:
+            return Stat(moments[0], moments[1], self.axis, self.group)
+        return Stat(moments[0], moments[1], axis)
+
+    def on_axes(self, axes: tuple[int, ...]) -> Stat:
+        return Stat(self.mean, self.var, axes[0], axes if len(axes) > 1 else ())
 
 
 class _Scores:
@@ -310,17 +325,12 @@ class Propagation:
     def function_rule(self, node: torch.fx.Node, x: Stat | None, source) -> Any:
         target, args = node.target, node.args
         method = node.op == "call_method"
-        if not method and target in (*ADD_CALLS, *SUB_CALLS, *MUL_CALLS):
+        if not method and target in (*ADD_CALLS, *SUB_CALLS, *MUL_CALLS, *DIV_CALLS):
             return self.binary(node)
         if not method and target in CONCAT_CALLS:
             return self.concat(node)
         if (not method and target in MATMUL_CALLS) or (method and target == "matmul"):
-            left, right = self.values.get(args[0]), self.values.get(args[1])
-            if left is WEIGHTS and isinstance(right, Stat):
-                return right
-            if isinstance(left, Stat) and isinstance(right, Stat):
-                return SCORES
-            return None
+            return self.matmul(node)
         if target is operator.getitem:
             return self.getitem(node)
         constant = self.values.get(source) if source is not None else None
@@ -354,9 +364,65 @@ class Propagation:
         if target in ("transpose", torch.transpose):
             a, b = (d % len(before) for d in args[1:3])
             return x.like(x.moments, {a: b, b: a}.get(x.axis, x.axis))
-        if target in ("reshape", "view", torch.reshape):
-            return self.reshape(x, before, shape)
+        if target in ("reshape", "view", torch.reshape, "unflatten", torch.unflatten):
+            return self.reshape(x, before, shape) or self.regroup(x, before, shape)
         return None
+
+    def matmul(self, node: torch.fx.Node) -> Any:
+        left, right = self.values.get(node.args[0]), self.values.get(node.args[1])
+        if left is WEIGHTS and isinstance(right, Stat):
+            return right
+        if isinstance(left, Stat) and isinstance(right, Stat):
+            return SCORES
+        return None
+
+    def grouped_rule(self, node: torch.fx.Node, x: Stat, source) -> Any:
+        """The few operations attention applies to channels split over heads: moving and
+        merging the axes, scaling, the products with the other operand."""
+        target, args, method = node.target, node.args, node.op == "call_method"
+        if node.op == "call_module":
+            return x if isinstance(self.modules[target], PASS_THROUGH_MODULES) else None
+        if (not method and target in MATMUL_CALLS) or (method and target == "matmul"):
+            return self.matmul(node)
+        if not method and target in (*MUL_CALLS, *DIV_CALLS):
+            other = args[1] if self.values.get(args[0]) is x else args[0]
+            return self.binary(node) if isinstance(other, int | float) else None
+        if method and target in PASS_THROUGH_METHODS:
+            return x
+        before, after = self.shape(source), self.shape(node)
+        if before is None or after is None:
+            return None
+        if target in ("reshape", "view", "flatten", "unflatten", torch.reshape, torch.flatten):
+            return self.regroup(x, before, after)
+        if target in ("permute", torch.permute):
+            dims = args[1] if len(args) == 2 and isinstance(args[1], list | tuple) else args[1:]
+            dims = [d % len(before) for d in dims]
+            return x.on_axes(tuple(dims.index(a) for a in x.axes))
+        if target in ("transpose", torch.transpose):
+            a, b = (d % len(before) for d in args[1:3])
+            return x.on_axes(tuple({a: b, b: a}.get(axis, axis) for axis in x.axes))
+        return None
+
+    @staticmethod
+    def regroup(x: Stat, before: tuple[int, ...], after: tuple[int, ...]) -> Stat | None:
+        """Where channels on consecutive axes land after a reshape that keeps the elements
+        before them in place: on the axes whose sizes multiply to the channel count (split over
+        heads, or merged back)."""
+        axes = x.axes
+        if axes != tuple(range(axes[0], axes[0] + len(axes))):
+            return None
+        leading = math.prod(before[: axes[0]])
+        count, start = 1, 0
+        while start < len(after) and count < leading:
+            count *= after[start]
+            start += 1
+        channels, end = 1, start
+        while end < len(after) and channels < len(x.mean):
+            channels *= after[end]
+            end += 1
+        if count != leading or channels != len(x.mean) or end == start:
+            return None
+        return x.on_axes(tuple(range(start, end)))
 
     def reshape(self, x: Stat, before: tuple[int, ...], after: tuple[int, ...]) -> Stat | None:
         """Where the channel axis survives a reshape (the elements before it keep their
@@ -386,16 +452,23 @@ class Propagation:
             return like.like(moments) if moments is not None else None
         return None
 
-    def binary(self, node: torch.fx.Node) -> Stat | None:
+    def binary(self, node: torch.fx.Node) -> Any:
         left, right = node.args[:2]
+        numbers = [isinstance(a, int | float) for a in (left, right)]
+        if SCORES in (self.values.get(left), self.values.get(right)) and any(numbers):
+            return SCORES  # attention scores scaled
         anchor = self.stat(left) or self.stat(right)
         if anchor is None:
             return None
+        if node.target in DIV_CALLS:
+            if not isinstance(right, int | float) or right == 0:
+                return None
+            return anchor.like((anchor.mean / right, anchor.var / right**2))
         rank = len(self.shape(node))
         a, b = self.operand(left, anchor, rank), self.operand(right, anchor, rank)
         if a is None or b is None:
             return None
-        if isinstance(a, Stat) and isinstance(b, Stat) and a.axis != b.axis:
+        if isinstance(a, Stat) and isinstance(b, Stat) and a.axes != b.axes:
             return None
         subtract, multiply = node.target in SUB_CALLS, node.target in MUL_CALLS
         if isinstance(a, float) or isinstance(b, float):
@@ -471,7 +544,9 @@ class Propagation:
                 continue
             source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
             x = self.stat(source)
-            if node.op == "call_module":
+            if x is not None and x.group:
+                result = self.grouped_rule(node, x, source)
+            elif node.op == "call_module":
                 result = self.module_rule(node, x, source)
             else:
                 result = self.function_rule(node, x, source)
@@ -487,8 +562,8 @@ class Propagation:
         before = self.shape(source) if source is not None else None
         keeps = (
             x is not None and shape is not None and before is not None
-            and len(shape) == len(before) and x.axis < len(shape)
-            and shape[x.axis] == len(x.mean)
+            and len(shape) == len(before) and max(x.axes) < len(shape)
+            and math.prod(shape[a] for a in x.axes) == len(x.mean)
         )  # fmt: skip
         layer = node.op == "call_module" and isinstance(
             self.modules[node.target], nn.Conv2d | nn.Linear
