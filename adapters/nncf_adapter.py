@@ -266,14 +266,22 @@ class _Topology:
         self.pre = {(op, port) for kind, op, port in hooks if kind == "pre_hooks"}
 
     def weight_layer(self, op_name: str, port: int) -> str | None:
-        """The module whose weight enters ``port`` of ``op_name``; None for an activation."""
-        from nncf.torch.model_graph_manager import get_const_node, split_const_name
+        """The module whose weight enters ``port`` of ``op_name``; None for an activation,
+        including either input of a product of two activations (attention's q k^T), which
+        NNCF's metatype lists as weight ports."""
+        from nncf.torch.model_graph_manager import (
+            find_const_node_in_constant_subgraph,
+            split_const_name,
+        )
 
         node = self.graph.get_node_by_name(op_name)
-        const = get_const_node(node, port, self.graph)
-        if const is None or port not in getattr(node.metatype, "weight_port_ids", []):
+        if port not in getattr(node.metatype, "weight_port_ids", []):
             return None
-        return split_const_name(const.layer_attributes.name)[0]
+        for edge in self.graph.get_input_edges(node):
+            if edge.input_port_id == port:
+                const = find_const_node_in_constant_subgraph(edge.from_node, self.graph)
+                return None if const is None else split_const_name(const.layer_attributes.name)[0]
+        return None
 
     def output_name(self, op_name: str) -> str:
         """The FP module whose output ``op_name`` produces ("input": the model's input). A

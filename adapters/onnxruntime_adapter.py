@@ -138,8 +138,8 @@ def float_onnx(folded: nn.Module, example_input: torch.Tensor, folder: Path) -> 
             "ONNX Runtime's pre-processing (quant_pre_process: symbolic shape inference and "
             f"graph optimization) fails on this model: {type(error).__name__} {error} at "
             f"{Path(where.filename).name}:{where.lineno}. It is ORT's own limitation (seen "
-            "with nn.TransformerEncoder's attention); quantize this model with fx, pt2e or "
-            "brevitas."
+            "with attention models, whose reshapes depend on the batch size); quantize this "
+            "model with fx, pt2e, nncf or brevitas."
         ) from error
     return prepared.read_bytes()
 

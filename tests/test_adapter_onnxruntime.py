@@ -248,7 +248,7 @@ def test_a_model_orts_preprocessing_rejects_is_refused_with_the_reason():
 
     adapter = get_adapter("onnxruntime")
     data = [torch.rand(4, 1, 16, 16)]
-    with pytest.raises(UnsupportedModelError, match=r"pre-processing.*fx, pt2e or brevitas"):
+    with pytest.raises(UnsupportedModelError, match=r"pre-processing.*fx, pt2e, nncf or brevitas"):
         adapter.quantize(TinyViT().eval(), QuantSpec.parse("W8A8"), data, data[0][:1])
 
 

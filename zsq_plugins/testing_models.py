@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from zsq_plugins.layers import Normalize
+from zsq_plugins.zoo.vit import ViTFMNIST
 
 
 class TinyConvNet(nn.Module):
@@ -120,3 +121,15 @@ class TinyViT(nn.Module):
         tokens = self.patch(x).flatten(2).transpose(1, 2)
         tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], 1) + self.pos
         return self.head(self.norm(self.encoder(tokens)[:, 0]))
+
+
+def tiny_attention_vit() -> nn.Module:
+    """The zoo's ViT at 1 x 16 x 16 with two layers of width 32: attention written out with
+    four heads (separate query/key/value linears, q k^T, softmax, the product with v), which
+    torch.fx traces into; default-initialized (seeded) so that every layer matters."""
+    torch.manual_seed(0)
+    model = ViTFMNIST(image_size=16, width=32, depth=2, heads=4)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.reset_parameters()
+    return model.eval()
