@@ -12,7 +12,7 @@ from zsq_plugins import compare
 from zsq_plugins.adapter import installed_adapters
 from zsq_plugins.cli import main
 from zsq_plugins.compare import Cell, GridConfig, render_markdown, run_grid
-from zsq_plugins.errors import CacheMismatchError, ZSQError
+from zsq_plugins.errors import CacheMismatchError, UnsupportedModelError, ZSQError
 from zsq_plugins.plots import accuracy_vs_bits, cost_bars
 from zsq_plugins.reporting import environment_info
 
@@ -459,3 +459,25 @@ def test_reconstruction_overrides_reach_every_reconstructed_cell(tmp_path, monke
     assert len(seen) == 2
     with pytest.raises(ValueError, match="unknown reconstruction option"):
         small(reconstruction={"los": "sum"})
+
+
+def test_a_toolkit_that_refuses_the_model_is_listed_with_its_reason(tmp_path, monkeypatch):
+    def fake_cell(cell, config, images, test, progress, fp32, checkpoint_dir=None):
+        if cell.toolkit == "nncf":
+            raise UnsupportedModelError("NNCF cannot quantize this model: its own limitation")
+        return {**cell.__dict__, "top1": 91.0, "fp32_top1": 93.92, "num_test": 200,
+                "timings_s": {}}  # fmt: skip
+
+    monkeypatch.setattr(compare.runner, "run_cell", fake_cell)
+    monkeypatch.setattr(compare.runner, "calibration_images", lambda *a, **k: None)
+    monkeypatch.setattr(compare.runner, "evaluation_data", lambda *a, **k: None)
+    monkeypatch.setattr(compare.runner, "fp32_top1", lambda *a, **k: 93.0)
+    rows = run_grid(small(toolkits=["nncf", "fx"]), tmp_path, progress=False, plots=False)
+    assert [r.get("refused") is not None for r in rows] == [True, False, True, False]
+    page = (tmp_path / "results.md").read_text()
+    assert "### Refused" in page and "| nncf | 2 | NNCF cannot quantize this model" in page
+    assert "| data | spec | fx | spread |" in page  # no empty column for the refusing toolkit
+    calls = []
+    monkeypatch.setattr(compare.runner, "run_cell", lambda *a, **k: calls.append(a))
+    run_grid(small(toolkits=["nncf", "fx"]), tmp_path, progress=False, plots=False)
+    assert calls == []  # a refusal is a finished cell

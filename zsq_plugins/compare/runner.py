@@ -22,7 +22,7 @@ from zsq_plugins.compare.data import (
 from zsq_plugins.compare.grid import CALIBRATIONS, NO_RECONSTRUCTION, Cell, GridConfig
 from zsq_plugins.compare.render import render_markdown
 from zsq_plugins.compare.store import GridResults, stored_record
-from zsq_plugins.errors import CacheMismatchError, ZSQError
+from zsq_plugins.errors import CacheMismatchError, UnsupportedModelError, ZSQError
 from zsq_plugins.reporting import (
     environment_info,
     peak_rss_mib,
@@ -83,6 +83,12 @@ def run_cell(
         ),
         "reconstruction_config": reconstruction.config if reconstruction is not None else None,
     }
+
+
+def refused(cell: Cell, refusal: UnsupportedModelError) -> dict[str, Any]:
+    """A cell whose toolkit refuses the model (before any work, with the toolkit's reason): a
+    finished cell, listed with its reason on the page rather than failing the grid."""
+    return {**dataclasses.asdict(cell), "refused": str(refusal), "top1": None}
 
 
 CHECKPOINTS = "checkpoints"
@@ -164,9 +170,13 @@ def run_grid(
         if wanted not in images_for:
             if any(key[:2] != wanted[:2] for key in images_for):
                 images_for.clear()
-            images_for[wanted] = calibration_images(
-                cell.model, cell.data, config, data_folder, progress, cell
-            )
+            try:
+                images_for[wanted] = calibration_images(
+                    cell.model, cell.data, config, data_folder, progress, cell
+                )
+            except UnsupportedModelError as refusal:  # an adversarial set plays the toolkit
+                results.record(cell, refused(cell, refusal))
+                continue
         images = images_for[wanted]
         if test_for != cell.model:
             fp_model = config.load_model(cell.model)
@@ -180,7 +190,11 @@ def run_grid(
                 )  # fmt: skip
             fp32 = fp32_top1(fp_model, test)
             test_for = cell.model
-        result = _run_resumable(cell, config, images, test, progress, fp32, data_folder)
+        try:
+            result = _run_resumable(cell, config, images, test, progress, fp32, data_folder)
+        except UnsupportedModelError as refusal:
+            result = refused(cell, refusal)
+            log.warning("%s: refused (%s)", cell.key, refusal)
         results.record(cell, result)
         log.info(
             "%s: top-1 %s, agreement %s", cell.key, result.get("top1"), result.get("agreement")
@@ -204,6 +218,8 @@ def run_grid(
     write_text_atomic(folder / "results.md", render_markdown(record))
     if plots:
         from zsq_plugins.plots import MissingPlotting, accuracy_vs_bits, cost_bars
+
+        rows = [row for row in rows if not row.get("refused")]
 
         try:
             accuracy_vs_bits(rows, folder / "accuracy_vs_bits.png", config.toolkits)
