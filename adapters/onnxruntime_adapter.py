@@ -131,7 +131,13 @@ def float_onnx(folded: nn.Module, example_input: torch.Tensor, folder: Path) -> 
     exported, prepared = folder / "fp.onnx", folder / "fp_prepared.onnx"
     _export_float(folded, example_input[:1].detach().cpu().float(), exported)
     try:
-        quant_pre_process(str(exported), str(prepared))
+        try:
+            quant_pre_process(str(exported), str(prepared))
+        except AssertionError:
+            # ORT's symbolic shape inference asserts on reshapes whose target shape is
+            # computed from the batch size (attention's heads); ONNX's own shape inference and
+            # the graph optimization still run without it.
+            quant_pre_process(str(exported), str(prepared), skip_symbolic_shape=True)
     except Exception as error:  # ORT's shape inference raises bare assertions, among others
         where = traceback.extract_tb(error.__traceback__)[-1]
         raise UnsupportedModelError(
@@ -142,6 +148,23 @@ def float_onnx(folded: nn.Module, example_input: torch.Tensor, folder: Path) -> 
             "model with fx, pt2e, nncf or brevitas."
         ) from error
     return prepared.read_bytes()
+
+
+def _refuse_unowned_weights(model: Any, folded: nn.Module) -> None:
+    """Before any calibration: every weight ORT will quantize belongs to a conv or linear
+    module of the FP model, for the mirror to give its quantizer a layer."""
+    initializers = {i.name for i in model.graph.initializer}
+    names = _layer_names(model, folded)
+    for node in model.graph.node:
+        layer = node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1
+        if layer and node.input[1] in initializers and node.name not in names:
+            raise UnsupportedModelError(
+                f"{node.op_type} {node.name} multiplies by a weight ({node.input[1]}) that "
+                "belongs to no nn.Conv2d or nn.Linear of the model (nn.MultiheadAttention's "
+                "in_proj_weight is one): the onnxruntime adapter has no layer to give its "
+                "quantizer. Write such layers as nn.Linear modules (as the zoo's ViT does), "
+                "or quantize this model with fx, pt2e or brevitas."
+            )
 
 
 def _layer_names(model: Any, folded: nn.Module) -> dict[str, str]:
@@ -270,6 +293,7 @@ class OnnxRuntimeAdapter:
         with tempfile.TemporaryDirectory(prefix="zsq-ort-") as folder:
             pre_path, q_path = Path(folder) / "pre.onnx", Path(folder) / "qdq.onnx"
             pre_path.write_bytes(float_onnx(folded, example_input, Path(folder)))
+            _refuse_unowned_weights(onnx.load(str(pre_path)), folded)
             reader = OnnxCalibrationReader(images, INPUT_NAME, batch_size=len(batches[0]))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -86,6 +86,47 @@ def _layer_norm(inputs: list[Any], attrs: dict[str, Any]) -> torch.Tensor:
     return F.layer_norm(x, x.shape[axis:], inputs[1], bias, attrs.get("epsilon", 1e-5))
 
 
+def _shape(x: torch.Tensor, attrs: dict[str, Any]) -> torch.Tensor:
+    dims = list(x.shape)[attrs.get("start", 0) : attrs.get("end", x.dim())]
+    return torch.tensor(dims, dtype=torch.int64)
+
+
+def _gather(x: torch.Tensor, indices: torch.Tensor, attrs: dict[str, Any]) -> torch.Tensor:
+    axis = attrs.get("axis", 0) % x.dim()
+    indices = indices.long()
+    indices = torch.where(indices < 0, indices + x.shape[axis], indices)
+    picked = x.movedim(axis, 0)[indices]  # indices' dims, then x's other dims
+    return picked.movedim(tuple(range(indices.dim())), tuple(range(axis, axis + indices.dim())))
+
+
+def _unsqueeze(x: torch.Tensor, axes: torch.Tensor | None, attrs: dict[str, Any]) -> torch.Tensor:
+    wanted = attrs.get("axes") if axes is None else [int(a) for a in axes.tolist()]
+    rank = x.dim() + len(wanted)
+    for axis in sorted(a % rank for a in wanted):
+        x = x.unsqueeze(axis)
+    return x
+
+
+def _slice(inputs: list[Any]) -> torch.Tensor:
+    x, starts, ends = inputs[:3]
+    axes = inputs[3] if len(inputs) > 3 and inputs[3] is not None else None
+    steps = inputs[4] if len(inputs) > 4 and inputs[4] is not None else None
+    axes_list = [int(a) for a in axes.tolist()] if axes is not None else list(range(len(starts)))
+    index = [slice(None)] * x.dim()
+    for i, axis in enumerate(axes_list):
+        step = int(steps[i]) if steps is not None else 1
+        if step != 1:
+            raise UnsupportedModelError(f"Slice with step {step} is not mirrored")
+        size = x.shape[axis]
+        start, end = (max(-size, min(size, int(v[i]))) for v in (starts, ends))  # ONNX clamps
+        index[axis] = slice(start, end)
+    return x[tuple(index)]
+
+
+def _expand(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(int(v) for v in shape.tolist())))
+
+
 # op type -> f(inputs, attributes); inputs are tensors (or None for an empty input name).
 OPS: dict[str, Callable[[list[Any], dict[str, Any]], torch.Tensor]] = {
     "Relu": lambda i, a: torch.relu(i[0]),
@@ -113,4 +154,13 @@ OPS: dict[str, Callable[[list[Any], dict[str, Any]], torch.Tensor]] = {
     "Sqrt": lambda i, a: torch.sqrt(i[0]),
     "MatMul": lambda i, a: torch.matmul(i[0], i[1]),
     "LayerNormalization": lambda i, a: _layer_norm(i, a),
+    # The shape arithmetic of batch-dependent reshapes (attention's heads, a class token
+    # expanded to the batch), left in the graph when ORT's symbolic shape inference is skipped.
+    "Shape": lambda i, a: _shape(i[0], a),
+    "Gather": lambda i, a: _gather(i[0], i[1], a),
+    "Unsqueeze": lambda i, a: _unsqueeze(i[0], i[1] if len(i) > 1 else None, a),
+    "Slice": lambda i, a: _slice(i),
+    "Equal": lambda i, a: i[0] == i[1],
+    "Where": lambda i, a: torch.where(i[0].bool(), i[1], i[2]),
+    "Expand": lambda i, a: _expand(i[0], i[1]),
 }

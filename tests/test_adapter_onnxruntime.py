@@ -243,13 +243,37 @@ def test_a_convnext_style_model_reconstructs_and_deploys():
     assert gap <= 0.1 * moved, (float(gap), float(moved))
 
 
-def test_a_model_orts_preprocessing_rejects_is_refused_with_the_reason():
+def test_a_weight_outside_any_layer_is_refused_before_calibration(monkeypatch):
     from zsq_plugins.testing_models import TinyViT
 
+    calibrated = []
+    monkeypatch.setattr(
+        "onnxruntime.quantization.quantize_static", lambda *a, **k: calibrated.append(a)
+    )
     adapter = get_adapter("onnxruntime")
     data = [torch.rand(4, 1, 16, 16)]
-    with pytest.raises(UnsupportedModelError, match=r"pre-processing.*fx, pt2e, nncf or brevitas"):
+    with pytest.raises(UnsupportedModelError, match=r"in_proj_weight.*nn.Linear"):
         adapter.quantize(TinyViT().eval(), QuantSpec.parse("W8A8"), data, data[0][:1])
+    assert calibrated == []
+
+
+def test_attention_written_out_quantizes_through_batch_dependent_reshapes():
+    """ORT's symbolic shape inference asserts on the heads' reshapes (their shape is computed
+    from the batch size): the adapter pre-processes without it, and the mirror runs the shape
+    arithmetic left in the graph, at any batch size."""
+    from zsq_plugins.testing_models import tiny_attention_vit
+
+    model = tiny_attention_vit()
+    data = [torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0))]
+    adapter = get_adapter("onnxruntime")
+    quantized = adapter.quantize(model, QuantSpec.parse("W8A8"), data, data[0][:2])
+    assert len(quantized.weight_handles()) == 14  # every linear, the patch embedding, the head
+    session = adapter.deploy(quantized)
+    held_out = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mirror, deployed, fp32 = quantized.model(held_out), session(held_out), model(held_out)
+    assert (mirror.argmax(1) == deployed.argmax(1)).all()
+    assert (mirror - fp32).norm() / fp32.norm() < 0.1
 
 
 @pytest.mark.slow
