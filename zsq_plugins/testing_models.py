@@ -124,11 +124,11 @@ class TinyViT(nn.Module):
 
 
 def tiny_attention_vit() -> nn.Module:
-    """The zoo's ViT at 1 x 16 x 16 with two layers of width 32: attention written out with
-    four heads (separate query/key/value linears, q k^T, softmax, the product with v), which
-    torch.fx traces into; default-initialized (seeded) so that every layer matters."""
+    """The zoo's ViT at 1 x 16 x 16 with two layers of width 32 and no stem: attention written
+    out with four heads (separate query/key/value linears, q k^T, softmax, the product with v),
+    which torch.fx traces into; default-initialized (seeded) so that every layer matters."""
     torch.manual_seed(0)
-    model = ViTFMNIST(image_size=16, width=32, depth=2, heads=4)
+    model = ViTFMNIST(image_size=16, width=32, depth=2, heads=4, stem_channels=0)
     for module in model.modules():
         if isinstance(module, nn.Linear):
             module.reset_parameters()

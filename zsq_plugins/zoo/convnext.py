@@ -2,9 +2,11 @@
 BatchNorm anywhere, the BN-free CNN of today.
 
 Each block is ConvNeXt's: depthwise 7x7, channels moved last, LayerNorm, a pointwise MLP
-(4x, GELU) as linear layers, a learned layer scale, a residual addition. The stem and the
-downsampling layers are ConvNeXt's patchify convolutions (2x2, stride 2: 28 px leaves no room
-for the 4x4 stem) with a LayerNorm over channels. Two stages, not four, at Fashion-MNIST's size.
+(4x, GELU) as linear layers, a learned layer scale, a residual addition. The downsampling
+layer is ConvNeXt's (LayerNorm over channels, a 2x2 stride-2 convolution); the stem a 3x3
+stride-2 convolution with a LayerNorm, overlapping where ConvNeXt's 4x4 patchify does not (at
+28 px a 2x2 patchify stem, tried first, left the model at 89% after 15 epochs). Two stages,
+not four, at Fashion-MNIST's size.
 """
 
 from __future__ import annotations
@@ -53,14 +55,15 @@ class ConvNeXtFMNIST(nn.Module):
         self,
         num_classes: int = 10,
         in_channels: int = 1,
-        widths: tuple[int, ...] = (32, 64),
+        widths: tuple[int, ...] = (48, 96),
         depths: tuple[int, ...] = (2, 2),
     ) -> None:
         super().__init__()
         self.normalize = Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
         self.input_shape = (in_channels, 28, 28)
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 2, stride=2), ChannelLayerNorm(widths[0], eps=1e-6)
+            nn.Conv2d(in_channels, widths[0], 3, stride=2, padding=1),
+            ChannelLayerNorm(widths[0], eps=1e-6),
         )
         stages: list[nn.Module] = []
         for index, (width, depth) in enumerate(zip(widths, depths, strict=True)):
