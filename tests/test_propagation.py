@@ -17,7 +17,7 @@ from zsq_plugins.quant.fold import fold_batchnorm
 from zsq_plugins.synthesis.propagation import Propagation, propagate
 from zsq_plugins.synthesis.weight_stats import weight_statistics_targets
 from zsq_plugins.testing_models import TinyConvNeXt, TinyViT
-from zsq_plugins.zoo.vit import ViTFMNIST
+from zsq_plugins.zoo.vit import SelfAttention, ViTFMNIST
 
 
 def _vit_with_heads() -> nn.Module:
@@ -115,3 +115,21 @@ def test_a_permute_that_the_next_layer_cannot_read_is_refused():
 
     with pytest.raises(UnsupportedModelError, match="fc"):
         propagate(fold_batchnorm(Wrong()), (1, 8, 8))
+
+
+def test_dropout_on_attention_weights_passes_them_on():
+    class AttentionWithDropout(SelfAttention):  # timm's attn_drop after the softmax
+        def __init__(self, width: int, heads: int) -> None:
+            super().__init__(width, heads)
+            self.attn_drop = nn.Dropout(0.1)
+
+        def forward(self, x):
+            q = self.split_heads(self.query(x)) * self.scale
+            k, v = self.split_heads(self.key(x)), self.split_heads(self.value(x))
+            weights = self.attn_drop((q @ k.transpose(-2, -1)).softmax(dim=-1))
+            return self.proj((weights @ v).transpose(1, 2).flatten(2))
+
+    model = ViTFMNIST(width=32, depth=1, heads=4)
+    model.layers[0].attn = AttentionWithDropout(32, 4)
+    predicted = Propagation(fold_batchnorm(model.eval()), strict=True).run((1, 28, 28))
+    assert {"layers.0.attn.proj", "layers.0.fc2", "head"} <= set(predicted)

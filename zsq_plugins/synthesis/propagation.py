@@ -258,6 +258,9 @@ class Propagation:
         shape = self.shape(node)
         if isinstance(module, Normalize):
             return Stat(torch.zeros(shape[1]), torch.ones(shape[1]), 1)
+        marker = self.values.get(source) if source is not None else None
+        if isinstance(module, PASS_THROUGH_MODULES) and marker in (SCORES, WEIGHTS):
+            return marker  # dropout on attention weights (timm's attn_drop)
         if x is None:
             return None
         if isinstance(module, nn.Conv2d) and x.axis == 1:
