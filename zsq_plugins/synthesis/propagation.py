@@ -15,7 +15,8 @@ written where it is made:
 - attention: the output of softmax(q k^T) v is a convex combination of v's tokens, so it
   keeps v's channel means; its variance is taken as v's (an upper bound, reached when each
   query attends to one token). Written out with heads, the channels are split over two axes
-  (heads, head_dim) and followed through the transposes until they are merged back.
+  (heads, head_dim) and followed through the transposes until they are merged back; a fused
+  q/k/v linear's channels are split along their outermost axis (timm's ``unbind``).
   ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder``
   (leaves for torch.fx) are propagated through their own layers, whose linears get targets
   too;
@@ -393,6 +394,12 @@ class Propagation:
         if method and target in PASS_THROUGH_METHODS:
             return x
         before, after = self.shape(source), self.shape(node)
+        if target in ("unbind", torch.unbind) and before is not None:
+            dim = node.kwargs.get("dim", args[1] if len(args) > 1 else 0) % len(before)
+            return self.split_outer(x, dim, before[dim])
+        if target is operator.getitem and isinstance(args[1], int) and before is not None:
+            parts = self.split_outer(x, 0, before[0])  # timm's qkv[0]
+            return parts[args[1]] if parts is not None else None
         if before is None or after is None:
             return None
         if target in ("reshape", "view", "flatten", "unflatten", torch.reshape, torch.flatten):
@@ -405,6 +412,19 @@ class Propagation:
             a, b = (d % len(before) for d in args[1:3])
             return x.on_axes(tuple({a: b, b: a}.get(axis, axis) for axis in x.axes))
         return None
+
+    @staticmethod
+    def split_outer(x: Stat, dim: int, size: int) -> tuple[Stat, ...] | None:
+        """The parts of channels split along their outermost axis ``dim`` (a fused q/k/v
+        projection's three), each on the remaining axes."""
+        if x.axes[0] != dim or len(x.axes) < 2 or len(x.mean) % size:
+            return None
+        per = len(x.mean) // size
+        rest = tuple(a - (a > dim) for a in x.axes[1:])
+        return tuple(
+            Stat(x.mean[i * per : (i + 1) * per], x.var[i * per : (i + 1) * per], 0).on_axes(rest)
+            for i in range(size)
+        )
 
     @staticmethod
     def regroup(x: Stat, before: tuple[int, ...], after: tuple[int, ...]) -> Stat | None:
@@ -528,7 +548,8 @@ class Propagation:
             f"weight statistics cannot be propagated through {node.op} {node.target!r} "
             f"(node {node.name}); supported: conv, linear, clamps, elementwise activations "
             "(GELU, SiLU, Hardswish, sigmoid, tanh...), pooling, LayerNorm, GroupNorm, "
-            "attention (nn.MultiheadAttention, nn.TransformerEncoder, softmax(q k^T) v), "
+            "attention (nn.MultiheadAttention, nn.TransformerEncoder, softmax(q k^T) v with "
+            "heads, a fused qkv linear), "
             "flatten, permute, transpose, reshape, addition, multiplication, concatenation, "
             "dropout. Use another preset (e.g. adversarial or noise)."
         )
