@@ -150,11 +150,11 @@ def float_onnx(folded: nn.Module, example_input: torch.Tensor, folder: Path) -> 
     return prepared.read_bytes()
 
 
-def _refuse_unowned_weights(model: Any, folded: nn.Module) -> None:
+def _refuse_unowned_weights(model: Any, names: dict[str, str]) -> None:
     """Before any calibration: every weight ORT will quantize belongs to a conv or linear
-    module of the FP model, for the mirror to give its quantizer a layer."""
+    module of the FP model (``names``: _layer_names), for the mirror to give its quantizer a
+    layer."""
     initializers = {i.name for i in model.graph.initializer}
-    names = _layer_names(model, folded)
     for node in model.graph.node:
         layer = node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1
         if layer and node.input[1] in initializers and node.name not in names:
@@ -293,7 +293,10 @@ class OnnxRuntimeAdapter:
         with tempfile.TemporaryDirectory(prefix="zsq-ort-") as folder:
             pre_path, q_path = Path(folder) / "pre.onnx", Path(folder) / "qdq.onnx"
             pre_path.write_bytes(float_onnx(folded, example_input, Path(folder)))
-            _refuse_unowned_weights(onnx.load(str(pre_path)), folded)
+            pre = onnx.load(str(pre_path))
+            # ORT keeps node names; the float model still names each weight
+            layer_names = _layer_names(pre, folded)
+            _refuse_unowned_weights(pre, layer_names)
             reader = OnnxCalibrationReader(images, INPUT_NAME, batch_size=len(batches[0]))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -314,9 +317,6 @@ class OnnxRuntimeAdapter:
                     extra_options=extra,
                 )
             qdq = onnx.load(str(q_path))
-            pre = onnx.load(str(pre_path))
-        # ORT keeps node names; the float model still names each weight
-        layer_names = _layer_names(pre, folded)
         removed = _removed_activations(pre, qdq)
         modules = dict(folded.named_modules())
         eight_bit_nodes = {node for node, name in layer_names.items() if name in eight_bit}

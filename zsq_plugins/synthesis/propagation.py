@@ -361,13 +361,8 @@ class Propagation:
             start = node.kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
             end = node.kwargs.get("end_dim", args[2] if len(args) > 2 else -1)
             return self.flatten(x, source, start, end)
-        if target in ("permute", torch.permute):
-            dims = args[1] if len(args) == 2 and isinstance(args[1], list | tuple) else args[1:]
-            dims = [d % len(before) for d in dims]
-            return x.like(x.moments, dims.index(x.axis))
-        if target in ("transpose", torch.transpose):
-            a, b = (d % len(before) for d in args[1:3])
-            return x.like(x.moments, {a: b, b: a}.get(x.axis, x.axis))
+        if target in ("permute", torch.permute, "transpose", torch.transpose):
+            return self.moved(x, target, args, len(before))
         if target in ("reshape", "view", torch.reshape, "unflatten", torch.unflatten):
             return self.reshape(x, before, shape) or self.regroup(x, before, shape)
         return None
@@ -404,14 +399,19 @@ class Propagation:
             return None
         if target in ("reshape", "view", "flatten", "unflatten", torch.reshape, torch.flatten):
             return self.regroup(x, before, after)
+        if target in ("permute", torch.permute, "transpose", torch.transpose):
+            return self.moved(x, target, args, len(before))
+        return None
+
+    @staticmethod
+    def moved(x: Stat, target: Any, args: tuple, rank: int) -> Stat:
+        """Where a permute or transpose puts the channel axes."""
         if target in ("permute", torch.permute):
             dims = args[1] if len(args) == 2 and isinstance(args[1], list | tuple) else args[1:]
-            dims = [d % len(before) for d in dims]
+            dims = [d % rank for d in dims]
             return x.on_axes(tuple(dims.index(a) for a in x.axes))
-        if target in ("transpose", torch.transpose):
-            a, b = (d % len(before) for d in args[1:3])
-            return x.on_axes(tuple({a: b, b: a}.get(axis, axis) for axis in x.axes))
-        return None
+        a, b = (d % rank for d in args[1:3])
+        return x.on_axes(tuple({a: b, b: a}.get(axis, axis) for axis in x.axes))
 
     @staticmethod
     def split_outer(x: Stat, dim: int, size: int) -> tuple[Stat, ...] | None:
