@@ -10,20 +10,46 @@ from zsq_plugins.phases import PhaseMeter, rss_mib
 pytestmark = pytest.mark.skipif(rss_mib() is None, reason="no /proc/self/statm here")
 
 
+def _hold_64_mib(meter: PhaseMeter, seconds: float, sample: bool) -> None:
+    # 64 MiB is above glibc's largest mmap threshold (32 MiB): mapped, touched, then unmapped.
+    block = torch.ones(64 * 2**20 // 4)
+    if sample:
+        meter.sample()
+    time.sleep(seconds)
+    del block
+
+
 def test_each_phase_records_its_own_peak():
     meter = PhaseMeter()
     with meter.phase("small"):
         time.sleep(0.05)
     with meter.phase("large"):
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, then released
-        time.sleep(0.1)
-        del block
+        _hold_64_mib(meter, 0.1, sample=True)
     with meter.phase("after"):
         time.sleep(0.05)
     assert set(meter.seconds) == set(meter.peak_rss_mib) == {"small", "large", "after"}
     assert meter.seconds["large"] >= 0.1
     assert meter.peak_rss_mib["large"] >= meter.peak_rss_mib["small"] + 60
     assert meter.peak_rss_mib["after"] < meter.peak_rss_mib["large"] - 30
+
+
+def test_the_sampling_thread_sees_memory_nobody_reported():
+    # A whole second gives the 20 ms sampler ~50 chances: a loaded CI machine once starved it
+    # through a 0.1 s hold, which is why code at a known high point calls meter.sample().
+    meter = PhaseMeter()
+    with meter.phase("before"):
+        pass
+    with meter.phase("held"):
+        _hold_64_mib(meter, 1.0, sample=False)
+    assert meter.peak_rss_mib["held"] >= meter.peak_rss_mib["before"] + 60
+
+
+def test_phases_do_not_nest():
+    meter = PhaseMeter()
+    with pytest.raises(RuntimeError, match="do not nest"), meter.phase("outer"):
+        with meter.phase("inner"):
+            pass
+    assert "outer" in meter.seconds
 
 
 def test_a_phase_that_raises_is_still_recorded():
