@@ -1,7 +1,7 @@
 """The ONNX Runtime adapter (toolkit name ``onnxruntime``).
 
 ONNX Runtime quantizes an ONNX model, not a torch one: the BN-folded FP model is exported to
-ONNX (opset 13), pre-processed as ORT recommends (``quant_pre_process``: shape inference and
+ONNX (opset 17), pre-processed as ORT recommends (``quant_pre_process``: shape inference and
 constant folding, which folds explicit padding into the convolutions), and quantized by
 ``onnxruntime.quantization.quantize_static`` in QDQ format, per-channel weights, calibrated
 with one of ORT's own methods (MinMax by default) fed by a CalibrationDataReader over our
@@ -19,10 +19,12 @@ nn.Module, which is what ``apply`` returns.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
 import traceback
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -123,7 +125,7 @@ def _export_float(folded: nn.Module, example_input: torch.Tensor, path: Path) ->
 
 
 def float_onnx(folded: nn.Module, example_input: torch.Tensor, folder: Path) -> bytes:
-    """The FP model as ORT quantizes it: exported to ONNX (opset 13, any batch size) and
+    """The FP model as ORT quantizes it: exported to ONNX (opset 17, any batch size) and
     pre-processed by ORT's ``quant_pre_process`` (shape inference, constant folding); files
     go in ``folder``."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -238,6 +240,24 @@ def _activation_layer(group: dict[str, Any], layer_names: dict[str, str], module
     return producer.name.strip("/") or producer.output[0]
 
 
+class _DropPerTensorFallback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is out-of-range for weight" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_per_tensor_fallback() -> Iterator[None]:
+    """ORT logs a warning on the root logger for each 1-D constant it cannot quantize per
+    channel (a LayerNorm's scale, each time it is visited), then quantizes it per tensor, which
+    is what the mirror expects: dozens of lines that ask nothing of the user."""
+    fallback = _DropPerTensorFallback()
+    logging.getLogger().addFilter(fallback)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(fallback)
+
+
 class OnnxRuntimeAdapter:
     """onnxruntime.quantization.quantize_static (QDQ), with a torch mirror for the core."""
 
@@ -298,7 +318,7 @@ class OnnxRuntimeAdapter:
             layer_names = _layer_names(pre, folded)
             _refuse_unowned_weights(pre, layer_names)
             reader = OnnxCalibrationReader(images, INPUT_NAME, batch_size=len(batches[0]))
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _quiet_per_tensor_fallback():
                 warnings.simplefilter("ignore")
                 quantization.quantize_static(
                     str(pre_path),
