@@ -12,12 +12,24 @@ from zsq_plugins.errors import ChecksumMismatchError, UnknownPluginError
 from zsq_plugins.zoo import registry as registry_module
 from zsq_plugins.zoo.efficientnet_lite import _same_padding, convert_lukemelas_state_dict
 
-FMNIST_MODELS = ["mobilenetv2_fmnist", "resnet20_fmnist", "vgg_nobn_fmnist"]
-ACCURACY_FLOOR = {"resnet20_fmnist": 93.5, "mobilenetv2_fmnist": 92.5, "vgg_nobn_fmnist": 92.0}
+FMNIST_MODELS = [
+    "convnext_fmnist",
+    "mobilenetv2_fmnist",
+    "resnet20_fmnist",
+    "vgg_nobn_fmnist",
+    "vit_fmnist",
+]
+ACCURACY_FLOOR = {
+    "resnet20_fmnist": 93.5,
+    "mobilenetv2_fmnist": 92.5,
+    "vgg_nobn_fmnist": 92.0,
+    "convnext_fmnist": 90.5,
+    "vit_fmnist": 90.5,
+}
 
 
 def test_registry_lists_models_and_filters():
-    assert zoo.list_models() == ["efficientnet_lite0", *FMNIST_MODELS]
+    assert zoo.list_models() == sorted(["efficientnet_lite0", *FMNIST_MODELS])
     assert zoo.list_models("*_fmnist") == FMNIST_MODELS
 
 

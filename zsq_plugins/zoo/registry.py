@@ -113,6 +113,28 @@ _DECLARED: tuple[ModelCard, ...] = (
         description="VGG-style, no normalization layer; for BN-free generators",
     ),
     ModelCard(
+        name="convnext_fmnist",
+        build=ARCHITECTURES["convnext_fmnist"],
+        input_shape=(1, 28, 28),
+        dataset=_FMNIST,
+        num_classes=10,
+        has_batchnorm=False,
+        weights=WeightsSource(filename="convnext_fmnist.safetensors"),
+        description="ConvNeXt-style CNN (depthwise 7x7, LayerNorm, GELU, layer scale); "
+        "the BN-free CNN of today",
+    ),
+    ModelCard(
+        name="vit_fmnist",
+        build=ARCHITECTURES["vit_fmnist"],
+        input_shape=(1, 28, 28),
+        dataset=_FMNIST,
+        num_classes=10,
+        has_batchnorm=False,
+        weights=WeightsSource(filename="vit_fmnist.safetensors"),
+        description="small vision transformer (convolutional stem, 6 pre-norm encoder layers, "
+        "attention written out); BN-free",
+    ),
+    ModelCard(
         name="efficientnet_lite0",
         build=EfficientNetLite,
         input_shape=(3, 224, 224),
