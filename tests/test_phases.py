@@ -46,9 +46,8 @@ def test_the_sampling_thread_sees_memory_nobody_reported():
 
 def test_phases_do_not_nest():
     meter = PhaseMeter()
-    with pytest.raises(RuntimeError, match="do not nest"), meter.phase("outer"):
-        with meter.phase("inner"):
-            pass
+    with pytest.raises(RuntimeError, match="do not nest"), meter.phase("outer"), meter.phase("in"):
+        pass
     assert "outer" in meter.seconds
 
 
