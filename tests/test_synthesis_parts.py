@@ -56,6 +56,47 @@ def test_slack_ignores_deviations_inside_the_margin():
     assert bn_loss_terms(stats, targets, slacked, plan)["bn_sample"] == 0.0
 
 
+def _sample_term(offsets: list[float], config: SynthesisConfig) -> float:
+    """The per-sample term of one image whose channels' means are off by ``offsets``
+    (exact standard deviations, BN targets mean 0 and std ~1, 16 positions)."""
+    bn = nn.BatchNorm2d(len(offsets)).eval()
+    capture = StatisticsCapture(batchnorm_targets([("bn", bn)]))
+    x = torch.randn(1, len(offsets), 4, 4, generator=torch.Generator().manual_seed(0))
+    x = (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True, unbiased=False)
+    with capture:
+        bn(x + torch.tensor(offsets)[None, :, None, None])
+    plan = plan_batch(1, 1, 10, torch.Generator().manual_seed(0))
+    return float(bn_loss_terms(capture.collected(), capture.targets, config, plan)["bn_sample"])
+
+
+def test_per_channel_slack_pushes_one_channel_the_aggregate_margin_hides():
+    """Each channel's margin is 1/sqrt(16) = 0.25; the margin on the distance over four
+    channels is sqrt(4/16) = 0.5. One channel off by 0.4 is inside the second, outside the
+    first; all four off by 0.2 are inside both."""
+    config = SynthesisConfig(
+        bn_distance="norm", bn_sample_weight=1.0, bn_batch_weight=0.0, slack=1.0
+    )
+    per_channel = config.replace(slack_per_channel=True)
+    assert _sample_term([0.4, 0, 0, 0], config) == 0.0
+    assert _sample_term([0.4, 0, 0, 0], per_channel) == pytest.approx(0.15, abs=1e-3)
+    assert _sample_term([0.2] * 4, config) == 0.0
+    assert _sample_term([0.2] * 4, per_channel) == 0.0
+    # without slack the option changes nothing
+    strict = config.replace(slack=0.0)
+    assert _sample_term([0.4, 0, 0, 0], strict) == _sample_term(
+        [0.4, 0, 0, 0], strict.replace(slack_per_channel=True)
+    )
+
+
+def test_a_field_added_later_leaves_cached_configs_keys_alone():
+    config = SynthesisConfig(slack=1.0)
+    assert "slack_per_channel" not in config.to_dict()
+    assert SynthesisConfig.from_dict(config.to_dict()) == config
+    changed = config.replace(slack_per_channel=True)
+    assert changed.to_dict()["slack_per_channel"] is True
+    assert SynthesisConfig.from_dict(changed.to_dict()) == changed
+
+
 def test_layer_emphasis_adds_the_chosen_layers_loss():
     bns = [nn.BatchNorm2d(2).eval(), nn.BatchNorm2d(2).eval()]
     capture = StatisticsCapture(batchnorm_targets([("a", bns[0]), ("b", bns[1])]))

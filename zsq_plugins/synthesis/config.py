@@ -14,6 +14,10 @@ from typing import Any
 from zsq_plugins.configio import checked_replace, to_json_dict
 
 
+ADDED_LATER: dict[str, Any] = {"slack_per_channel": False}
+"""Fields added after synthetic sets were cached, with the value those sets were made with."""
+
+
 class Parameterization(str, Enum):
     NOISE = "noise"
     """No optimization: Gaussian noise in the model's normalized input space (the baseline)."""
@@ -85,6 +89,10 @@ class SynthesisConfig:
     slack: float = 0.0
     """DSG's slack alignment: margin, in units of the model-derived expected fluctuation of the
     statistic (see objectives.expected_deviation), inside which statistics are not pushed."""
+    slack_per_channel: bool = False
+    """Apply the slack margin to each channel's deviation before the distance over channels
+    (DSG's code: ``max(|a_c - b_c| - m, 0)`` element by element), with each channel's own
+    expected fluctuation as its margin; False: one margin on the distance over all channels."""
     decorrelation_weight: float = 0.0
     """Weight of the mean squared cosine similarity between samples' penultimate features."""
     input_prior_weight: float = 1.0
@@ -179,7 +187,10 @@ class SynthesisConfig:
         return checked_replace(self, "synthesis", **overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return to_json_dict(self)
+        """JSON-ready fields, without those added later at the value that older records
+        (cached sets, their identity) implied, so that a new field leaves their keys alone."""
+        data = to_json_dict(self)
+        return {k: v for k, v in data.items() if not (k in ADDED_LATER and v == ADDED_LATER[k])}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SynthesisConfig:

@@ -71,6 +71,32 @@ def plan_batch(
     )
 
 
+def channel_margins(std: torch.Tensor, count: int, of_std: bool) -> torch.Tensor:
+    """``expected_deviation`` per channel: each channel's own expected fluctuation,
+    ``std_c / sqrt(count)`` for a mean and ``std_c / sqrt(2 count)`` for a std."""
+    return std / math.sqrt(count * (2.0 if of_std else 1.0))
+
+
+def _aligned(
+    value: torch.Tensor,
+    target: torch.Tensor,
+    target_std: torch.Tensor,
+    count: int,
+    of_std: bool,
+    config: SynthesisConfig,
+) -> torch.Tensor:
+    """Distance of a statistic to its target, minus DSG's slack: either from the distance
+    over all channels (``slack_per_channel=False``) or from each channel's deviation before
+    the distance is taken (True, as DSG's code applies its margin element by element)."""
+    kind = config.bn_distance
+    if config.slack > 0 and config.slack_per_channel:
+        margin = config.slack * channel_margins(target_std, count, of_std)
+        residual = F.relu((value - target).abs() - margin)
+        return distance(residual, torch.zeros_like(residual), kind)
+    margin = config.slack * expected_deviation(target_std, count, kind, of_std)
+    return _slacked(distance(value, target, kind), margin)
+
+
 def bn_loss_terms(
     stats: list[ChannelStatistics],
     targets: list[StatisticsTarget],
@@ -78,31 +104,22 @@ def bn_loss_terms(
     plan: BatchPlan,
 ) -> dict[str, torch.Tensor]:
     """Batch and per-sample statistics terms, summed over layers."""
-    kind = config.bn_distance
     terms: dict[str, torch.Tensor] = {}
     if config.bn_batch_weight > 0:
         total = stats[0].batch_mean.new_zeros(())
         for stat, target in zip(stats, targets, strict=True):
             count = stat.positions * stat.sample_mean.shape[0]
-            margin_mean = config.slack * expected_deviation(target.std, count, kind, False)
-            margin_std = config.slack * expected_deviation(target.std, count, kind, True)
-            total = total + _slacked(distance(stat.batch_mean, target.mean, kind), margin_mean)
             batch_std = _floor_only(stat.batch_std, target.std, config.std_floor)
-            total = total + _slacked(distance(batch_std, target.std, kind), margin_std)
+            total = total + _aligned(stat.batch_mean, target.mean, target.std, count, False, config)
+            total = total + _aligned(batch_std, target.std, target.std, count, True, config)
         terms["bn_batch"] = total
     if config.bn_sample_weight > 0:
         per_layer = []
         for stat, target in zip(stats, targets, strict=True):
-            margin_mean = config.slack * expected_deviation(target.std, stat.positions, kind, False)
-            margin_std = config.slack * expected_deviation(target.std, stat.positions, kind, True)
+            sample_std = _floor_only(stat.sample_std, target.std, config.std_floor)
             per_layer.append(
-                _slacked(distance(stat.sample_mean, target.mean, kind), margin_mean)
-                + _slacked(
-                    distance(
-                        _floor_only(stat.sample_std, target.std, config.std_floor), target.std, kind
-                    ),
-                    margin_std,
-                )
+                _aligned(stat.sample_mean, target.mean, target.std, stat.positions, False, config)
+                + _aligned(sample_std, target.std, target.std, stat.positions, True, config)
             )
         losses = torch.stack(per_layer, dim=1)  # (N, layers)
         sample_term = losses.sum(1).mean()
