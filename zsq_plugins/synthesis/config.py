@@ -13,7 +13,6 @@ from typing import Any
 
 from zsq_plugins.configio import checked_replace, to_json_dict
 
-
 ADDED_LATER: dict[str, Any] = {"slack_per_channel": False}
 """Fields added after synthetic sets were cached, with the value those sets were made with."""
 
