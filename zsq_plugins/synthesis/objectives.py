@@ -29,6 +29,12 @@ def distance(value: torch.Tensor, target: torch.Tensor, kind: Distance) -> torch
     return diff.norm(dim=-1)
 
 
+def channel_margins(std: torch.Tensor, count: int, of_std: bool) -> torch.Tensor:
+    """``expected_deviation`` per channel: each channel's own expected fluctuation,
+    ``std_c / sqrt(count)`` for a mean and ``std_c / sqrt(2 count)`` for a std."""
+    return std / math.sqrt(count * (2.0 if of_std else 1.0))
+
+
 def expected_deviation(std: torch.Tensor, count: int, kind: Distance, of_std: bool) -> float:
     """Expected distance between a statistic estimated from ``count`` values per channel and
     its population value, if those values were independent draws with per-channel ``std``.
@@ -38,7 +44,7 @@ def expected_deviation(std: torch.Tensor, count: int, kind: Distance, of_std: bo
     fluctuate more than this: as a slack margin (DSG) it is a conservative, model-derived
     scale, multiplied by ``SynthesisConfig.slack``.
     """
-    variance = std.pow(2) / (count * (2.0 if of_std else 1.0))
+    variance = channel_margins(std, count, of_std).pow(2)
     if kind is Distance.MSE:
         return float(variance.mean())
     return float(math.sqrt(float(variance.sum())))
@@ -69,12 +75,6 @@ def plan_batch(
         emphasized_layer=torch.randint(0, max(num_layers, 1), (size,), generator=generator),
         labels=torch.randint(0, num_classes, (size,), generator=generator),
     )
-
-
-def channel_margins(std: torch.Tensor, count: int, of_std: bool) -> torch.Tensor:
-    """``expected_deviation`` per channel: each channel's own expected fluctuation,
-    ``std_c / sqrt(count)`` for a mean and ``std_c / sqrt(2 count)`` for a std."""
-    return std / math.sqrt(count * (2.0 if of_std else 1.0))
 
 
 def _aligned(
