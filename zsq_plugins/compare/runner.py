@@ -152,8 +152,14 @@ def run_grid(
         check_toolkit_options(get_adapter(toolkit), options)
     results = GridResults(out, config)
     results.check_protocol()
-    todo = [] if render_only else [cell for cell in cells if results.finished(cell) is None]
-    log.info("%d cells, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
+    unfinished = [cell for cell in cells if results.finished(cell) is None]
+    todo = [] if render_only else unfinished
+    log.info(
+        "%d cells, %d finished, %d to run",
+        len(cells),
+        len(cells) - len(unfinished),
+        len(todo),
+    )
     # One calibration set and one test set in memory at a time: the grid's order groups cells
     # by model and data source.
     # An adversarial source has a set per (toolkit, spec): those of the current model and
