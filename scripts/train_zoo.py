@@ -45,8 +45,8 @@ RECIPES = {
     "resnet20_fmnist": Recipe("sgd", 0.2, 5e-4),
     "mobilenetv2_fmnist": Recipe("sgd", 0.2, 5e-4),
     "vgg_nobn_fmnist": Recipe("sgd", 0.05, 5e-4),
-    "convnext_fmnist": Recipe("adamw", 2e-3, 0.05),
-    "vit_fmnist": Recipe("adamw", 1e-3, 0.05),
+    "convnext_fmnist": Recipe("adamw", 4e-3, 0.05),
+    "vit_fmnist": Recipe("adamw", 2e-3, 0.05),
 }
 OPTIMIZER_NAMES = {"sgd": "SGD nesterov momentum 0.9", "adamw": "AdamW betas (0.9, 0.999)"}
 

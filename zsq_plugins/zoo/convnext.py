@@ -17,8 +17,10 @@ from torch import nn
 from zsq_plugins.zoo._layers import Normalize
 from zsq_plugins.zoo.resnet import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
-LAYER_SCALE_INIT = 1e-6
-"""ConvNeXt's initial layer scale: each block starts close to the identity."""
+LAYER_SCALE_INIT = 0.1
+"""Initial layer scale. ConvNeXt starts at 1e-6 (each block close to the identity) for 300
+epochs of ImageNet; with four blocks and under an hour of CPU training, 1e-6 left the model
+underfit, and 0.1 learned faster in short probes (the commit that set it gives them)."""
 
 
 class ChannelLayerNorm(nn.Module):
