@@ -48,10 +48,18 @@ RECIPES = {
     "convnext_fmnist": Recipe("adamw", 4e-3, 0.05),
     "vit_fmnist": Recipe("adamw", 2e-3, 0.05),
 }
+WARMUP_FRACTION = 0.15
+"""One-cycle schedule: the share of the steps spent warming up to the peak learning rate."""
+LABEL_SMOOTHING = 0.1
+SHIFT_PIXELS = 2
+"""Augmentation: random translation by up to this many pixels (padding + crop), plus a
+horizontal flip of half the images."""
 OPTIMIZER_NAMES = {"sgd": "SGD nesterov momentum 0.9", "adamw": "AdamW betas (0.9, 0.999)"}
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
+def augment(
+    images: torch.Tensor, generator: torch.Generator, pad: int = SHIFT_PIXELS
+) -> torch.Tensor:
     n, _, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
@@ -106,7 +114,10 @@ def main() -> None:
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     steps_per_epoch = len(train_x) // args.batch_size
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.15
+        optimizer,
+        max_lr=lr,
+        total_steps=args.epochs * steps_per_epoch,
+        pct_start=WARMUP_FRACTION,
     )
     generator = torch.Generator().manual_seed(args.seed)
     history = []
@@ -119,7 +130,7 @@ def main() -> None:
             index = order[step * args.batch_size : (step + 1) * args.batch_size]
             images = augment(train_x[index].float() / 255.0, generator)
             images = images.to(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(images), train_y[index], label_smoothing=0.1)
+            loss = F.cross_entropy(model(images), train_y[index], label_smoothing=LABEL_SMOOTHING)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -155,12 +166,12 @@ def main() -> None:
             "optimizer": OPTIMIZER_NAMES[recipe.optimizer],
             "lr_max": lr,
             "schedule": "one-cycle",
-            "pct_start": 0.15,
+            "pct_start": WARMUP_FRACTION,
             "epochs": args.epochs,
             "batch_size": args.batch_size,
             "weight_decay": weight_decay,
-            "label_smoothing": 0.1,
-            "augmentation": "random 2-px translation + horizontal flip",
+            "label_smoothing": LABEL_SMOOTHING,
+            "augmentation": f"random {SHIFT_PIXELS}-px translation + horizontal flip",
             "seed": args.seed,
             "threads": args.threads,
         },
