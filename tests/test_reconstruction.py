@@ -23,11 +23,15 @@ def _error(quantized, reference, x):
         return (quantized.model(x) - reference).pow(2).mean().item()
 
 
+@pytest.mark.parametrize("weight_scale_lr", [0.0, 1e-3], ids=["rounding", "rounding+weight-steps"])
 @pytest.mark.parametrize("name", BUILT_IN)
-def test_toolkit_model_reproduces_the_routine(name):
+def test_toolkit_model_reproduces_the_routine(name, weight_scale_lr):
+    """The written-back model computes what the routine computed: learned rounding, and with
+    Genie-M's learned weight steps the steps too (each toolkit's quantizer must take them)."""
     model = tiny_model("relu6")  # a residual block
     quantized, data = quantize(name, model, QuantSpec.parse("W2A4"))
-    report = reconstruct(quantized, model, torch.cat(data), FAST, progress=False)
+    config = FAST.replace(weight_scale_lr=weight_scale_lr)
+    report = reconstruct(quantized, model, torch.cat(data), config, progress=False)
     assert [b.name for b in report.blocks] == ["stem.0", "body.0", "fc"]
     assert all(block.fidelity <= 1e-5 for block in report.blocks), report.blocks
 

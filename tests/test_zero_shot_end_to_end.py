@@ -7,8 +7,11 @@ Gaussian noise, calibrated on zero-shot (genie) images, and calibrated on those 
 reconstructed (genie-m), with learned rounding and with the rounding held at nearest.
 Reconstruction must beat plain calibration on either data, and learned rounding must beat
 nearest rounding: a broken generator, calibration or write-back shows up as a larger error
-on the held-out set (a routine that forgot to write the learned rounding back into the
-toolkit's weights fails the last check in every toolkit)."""
+on the held-out set. Checked by putting bugs in: a routine that forgot to write the learned
+rounding back into the toolkit's weights fails here in fx, pt2e and Brevitas (in NNCF the
+learned steps alone keep it under the bars), one that forgot the learned weight steps fails
+here in Brevitas; tests/test_reconstruction.py's toolkit-reproduces-the-routine test catches
+both in every toolkit."""
 
 import pytest
 import torch
