@@ -37,6 +37,31 @@ def test_bn_capture_matches_direct_statistics():
     assert not bn._forward_pre_hooks  # hooks removed on exit
 
 
+@pytest.mark.parametrize("offset", [0.0, 30.0, 600.0])
+def test_bn_capture_values_and_gradients_match_var_mean(offset):
+    """The capture computes the variance from shifted raw moments (for speed); it and its
+    gradients must be torch.var_mean's, for data centred or far from zero (mean/std 300)."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4).eval()
+    x = (torch.randn(6, 4, 7, 7) * 2 + offset).requires_grad_()
+    weights = torch.randn(4), torch.randn(6, 4)
+    with StatisticsCapture(batchnorm_targets([("bn", bn)])) as capture:
+        bn(x)
+    (stat,) = capture.collected()
+    ours = stat.batch_std @ weights[0] + (stat.sample_std * weights[1]).sum()
+    ours = ours + (stat.sample_mean * weights[1]).sum()
+    (grad,) = torch.autograd.grad(ours, x)
+    var, mean = torch.var_mean(x.flatten(2), dim=2, correction=0)
+    batch_var = x.var((0, 2, 3), unbiased=False)
+    direct = torch.sqrt(batch_var + bn.eps) @ weights[0]
+    direct = direct + (torch.sqrt(var + bn.eps) * weights[1]).sum() + (mean * weights[1]).sum()
+    (expected,) = torch.autograd.grad(direct, x)
+    torch.testing.assert_close(stat.sample_mean, mean)
+    torch.testing.assert_close(stat.sample_std, torch.sqrt(var + bn.eps))
+    torch.testing.assert_close(stat.batch_std, torch.sqrt(batch_var + bn.eps))
+    torch.testing.assert_close(grad, expected)
+
+
 def test_slack_ignores_deviations_inside_the_margin():
     target_std = torch.ones(4)
     margin = expected_deviation(target_std, 16, Distance.NORM, of_std=False)
