@@ -13,9 +13,15 @@ test set. Every (variant, seed) is a ``zsq compare`` grid under docs/results/abl
 resumable cell by cell; the page gives each variant's mean top-1 over the seeds and its
 spread (max - min). Writes docs/results/ablation/dsg.json and docs/results/ablation/dsg.md.
 
-Cost: a 1,024-image set takes about 9 minutes on 2 threads (8 batches of 128, 200 steps
-each), so the whole ablation (4 variants x 3 seeds x 2 models) is about 4 hours; it resumes
-where it stopped, and ``--variants``/``--seeds``/``--models`` run a part.
+Cost, as measured (each set's manifest records its batches' seconds): with two runs side by
+side at ``--threads 1`` on 2 cores, a 1,024-image set (8 batches of 128, 200 steps each) took
+11 to 18 minutes for resnet20_fmnist and 27 to 45 for mobilenetv2_fmnist, so the whole
+ablation (4 variants x 3 seeds x 2 models) is about 5 hours of wall time that way. It resumes
+where it stopped (batch by batch, cell by cell), and ``--variants``/``--seeds``/``--models``
+run a part, e.g. two halves side by side:
+
+    python benchmarks/preset_ablation.py --threads 1 --variants preset per-channel-slack
+    python benchmarks/preset_ablation.py --threads 1 --variants no-decorrelation dsg-code
 """
 
 from __future__ import annotations

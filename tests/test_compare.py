@@ -118,6 +118,25 @@ def test_sources_are_measured_against_real_data_and_noise():
     assert "### Top-1 below real data" in markdown
 
 
+def test_a_partial_grid_lists_the_cells_it_lacks():
+    config = small(toolkits=["fx", "nncf"], specs=["W4A4"], data=["real", "noise"])
+    cells = list(config.cells())
+    rows = [
+        {**c.__dict__, "top1": 80.0, "fp32_top1": 93.9, "num_test": 200, "timings_s": {}}
+        for c in cells
+    ]
+    record = {"config": config.to_dict(), "environment": environment_info(), "cells": rows}
+    assert "Not measured yet" not in render_markdown(record)  # a whole grid: no section
+    finished = [r for r in rows if (r["data"], r["toolkit"]) != ("noise", "nncf")]
+    # A refused cell has its answer: it is not missing.
+    finished[0] = {**finished[0], "refused": "no such layer", "top1": None}
+    markdown = render_markdown({**record, "cells": finished})
+    missing = markdown.split("## Not measured yet")[1]
+    assert "1 cell of the grid has no result yet" in missing
+    assert "| resnet20_fmnist | noise | none | plain | W4A4 | nncf |" in missing
+    assert "| real |" not in missing
+
+
 def test_grid_resumes_and_refuses_another_protocol(tmp_path, monkeypatch):
     calls = []
 

@@ -80,6 +80,7 @@ def render_markdown(record: dict[str, Any]) -> str:
         for reconstruct in dict.fromkeys(r for r, _ in settings):
             out.extend(_calibration_effects(mine, toolkits, specs, reconstruct))
         out.extend(_refusals(refusals, model))
+    out.extend(_not_measured(record))
     if record.get("environment"):
         out.append(environment_footer(record["environment"]))
     else:
@@ -101,6 +102,41 @@ def _refusals(refusals: list[dict[str, Any]], model: str) -> list[str]:
         return []
     table = [{"toolkit": t, "cells": n, "reason": why} for (t, why), n in reasons.items()]
     return ["\n### Refused\n\n", markdown_table(table, ["toolkit", "cells", "reason"])]
+
+
+def _not_measured(record: dict[str, Any]) -> list[str]:
+    """The cells of the grid's config that have no result yet (a grid filled over several
+    runs): a row per (model, data, setting, spec) with the toolkits still to run, so that a
+    partial page says what it lacks instead of passing for the whole grid."""
+    config = record["config"]
+    done = {
+        (r["model"], r["data"], r["reconstruct"], r.get("calibration", PLAIN), r["spec"],
+         r["toolkit"])
+        for r in record["cells"]
+    }  # fmt: skip
+    table = []
+    for model in config["models"]:
+        for data in config["data"]:
+            for reconstruct in config.get("reconstruct", [NO_RECONSTRUCTION]):
+                for calibration in config.get("calibration", [PLAIN]):
+                    for spec in config["specs"]:
+                        key = (model, data, reconstruct, calibration, spec)
+                        toolkits = [t for t in config["toolkits"] if (*key, t) not in done]
+                        if toolkits:
+                            table.append({
+                                "model": model, "data": data, "reconstruct": reconstruct,
+                                "calibration": calibration, "spec": spec,
+                                "toolkits": ", ".join(toolkits),
+                            })  # fmt: skip
+    if not table:
+        return []
+    count = sum(len(row["toolkits"].split(", ")) for row in table)
+    return [
+        f"\n## Not measured yet\n\n{count} cell{'s' if count > 1 else ''} of the grid "
+        f"{'have' if count > 1 else 'has'} no result yet; "
+        "rerunning the grid's command resumes them.\n\n",
+        markdown_table(table, ["model", "data", "reconstruct", "calibration", "spec", "toolkits"]),
+    ]
 
 
 NOISE = "noise"
