@@ -27,6 +27,24 @@ def test_relation_map_is_the_cosine_similarity_of_samples():
     torch.testing.assert_close(relation_map(features), expected)
 
 
+def test_relation_map_values_and_gradients_match_normalizing_first():
+    """It works from the Gram matrix (for speed): its values and gradients must be those of
+    normalizing each image's features first, an all-zero image included."""
+    torch.manual_seed(0)
+    features = torch.randn(5, 3, 4, 4) * 10 + 2
+    features[3] = 0.0
+    features.requires_grad_()
+    weights = torch.randn(5, 5)
+    (ours,) = torch.autograd.grad((relation_map(features) * weights).sum(), features)
+    flat = torch.nn.functional.normalize(features.flatten(1), dim=1)
+    reference = flat @ flat.T
+    (expected,) = torch.autograd.grad((reference * weights).sum(), features)
+    torch.testing.assert_close(relation_map(features), reference)
+    # The zero image's gradient is of order 1/eps: equal to float32's relative precision.
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(ours).all()
+
+
 def test_adversarial_images_widen_the_gap_between_fp_and_quantized():
     model = _no_bn_model()
     noise = synthesize(model, 32, "noise", **FAST).images

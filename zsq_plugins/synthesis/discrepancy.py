@@ -21,16 +21,25 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from zsq_plugins.capture import plain_tensor
 
+NORM_FLOOR = 1e-12
+"""Smallest feature norm divided by (F.normalize's eps): an all-zero row relates as zeros."""
+
 
 def relation_map(features: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity between every pair of images' features: (N, ...) -> (N, N)."""
-    flat = F.normalize(features.flatten(1), dim=1)
-    return flat @ flat.T
+    """Cosine similarity between every pair of images' features: (N, ...) -> (N, N).
+
+    From the Gram matrix, divided by the norms on its diagonal: the values and gradients of
+    normalizing each row first, without the full-size division whose backward pass was the
+    largest single cost of an adversarial step (a fifth of it, on convnext_fmnist).
+    """
+    flat = features.flatten(1)
+    gram = flat @ flat.T
+    norms = gram.diagonal().clamp_min(NORM_FLOOR**2).sqrt()
+    return gram / (norms[:, None] * norms[None, :])
 
 
 def matching_layers(model: nn.Module, opponent: nn.Module) -> list[str]:

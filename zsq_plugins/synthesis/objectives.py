@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from zsq_plugins.synthesis.config import Distance, SynthesisConfig
+from zsq_plugins.synthesis.discrepancy import relation_map
 from zsq_plugins.synthesis.hooks import ChannelStatistics, StatisticsTarget
 
 
@@ -141,8 +142,7 @@ def input_prior(z: torch.Tensor, kind: Distance) -> torch.Tensor:
 
 def decorrelation(features: torch.Tensor) -> torch.Tensor:
     """Mean squared cosine similarity between different samples' features."""
-    flat = F.normalize(features.flatten(1), dim=1)
-    similarity = flat @ flat.T
+    similarity = relation_map(features)
     n = similarity.shape[0]
     if n < 2:
         return similarity.new_zeros(())
