@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 SPECS = ("W8A8", "W4A8", "W4A4", "W3A3")
 RANGE_METHODS = ("minmax", "mse")
+UPDATE_KEYS = ("environment", "wall_s", "peak_rss_mib")
 log = logging.getLogger("benchmarks.generators")
 
 
@@ -98,12 +99,19 @@ def accuracy_grid(model_name: str, images: torch.Tensor, test_set, progress: boo
     return cells
 
 
-def run_model(model_name: str, args: argparse.Namespace, test_set) -> dict[str, Any]:
+def run_model(
+    model_name: str, args: argparse.Namespace, test_set, stored: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A model's rows: real data and every preset of ``args.presets``. With ``stored`` (a
+    model's earlier result), only those presets' rows are measured and replace theirs; the
+    other rows, and their rows of the picture, are kept."""
     model = zoo.load(model_name)
     real = calibration_subset(args.num_samples, seed=args.seed)
     real_ranges = activation_ranges(model, real)
     sources: dict[str, torch.Tensor] = {"real": real}
     rows = [{"source": "real", "bn_loss": bn_statistics_loss(model, real)}]
+    if stored is not None:
+        sources, rows = {}, []
     for preset in args.presets:
         log.info("%s: generating %d images with %s", model_name, args.num_samples, preset)
         images, info = generate(model_name, preset, args, args.budget, args.num_samples)
@@ -120,12 +128,47 @@ def run_model(model_name: str, args: argparse.Namespace, test_set) -> dict[str, 
         row["range_max_ratio"] = realism["max_ratio"]
         row["accuracy"] = accuracy_grid(model_name, images, test_set, not args.no_progress)
         log.info("%s %s: %s", model_name, row["source"], row["accuracy"])
-    grid = torch.cat([sources[name][:8] for name in sources])
-    save_image_grid(grid, RESULTS / f"generators_samples_{model_name}.png", columns=8)
+    picture = RESULTS / f"generators_samples_{model_name}.png"
+    if stored is not None:
+        order = [row["source"] for row in stored["rows"]]
+        for name, images in sources.items():
+            replace_picture_row(picture, order.index(name), images[:8])
+        mine = {row["source"]: row for row in rows}
+        rows = [mine.get(row["source"], row) for row in stored["rows"]]
+    else:
+        grid = torch.cat([sources[name][:8] for name in sources])
+        save_image_grid(grid, picture, columns=PICTURE_COLUMNS, scale=PICTURE_SCALE)
     result = {"model": model_name, "fp32_top1": zoo.card(model_name).published_top1, "rows": rows}
     if args.paper_budget and "genie" in args.presets:
         result["budget_comparison"] = budget_comparison(model_name, args, test_set)
+    elif stored is not None and "budget_comparison" in stored:
+        result["budget_comparison"] = stored["budget_comparison"]
     return result
+
+
+PICTURE_COLUMNS, PICTURE_SCALE = 8, 2
+"""The sample picture: a row of PICTURE_COLUMNS images per source, each pixel PICTURE_SCALE
+times (save_image_grid's layout: one-pixel white borders)."""
+
+
+def replace_picture_row(path: Path, index: int, images: torch.Tensor) -> None:
+    """Draws ``images`` over row ``index`` of the picture at ``path`` (the rows of the sources
+    that an update leaves alone stay as they were)."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run the benchmark without --update first")
+    strip_path = path.with_name(f".{path.name}.row.png")
+    save_image_grid(images, strip_path, columns=PICTURE_COLUMNS, scale=PICTURE_SCALE)
+    with Image.open(path) as stored, Image.open(strip_path) as strip:
+        picture = stored.copy()
+        if strip.width != picture.width or strip.mode != picture.mode:
+            raise SystemExit(f"{path} has another layout than {PICTURE_COLUMNS} columns")
+        picture.paste(strip, (0, index * (images.shape[2] + 1) * PICTURE_SCALE))
+    strip_path.unlink()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    picture.save(tmp)
+    tmp.replace(path)
 
 
 def budget_comparison(model_name: str, args: argparse.Namespace, test_set) -> list[dict]:
@@ -194,6 +237,14 @@ def render(record: dict[str, Any]) -> str:
         "width on the real images (1 is perfect); BN-statistics loss: squared error of batch "
         "statistics against the BN running statistics, summed over layers, batches of 128.\n"
     )
+    if record.get("updates"):
+        done = "; ".join(f"{', '.join(u['presets'])} on {u['model']}" for u in record["updates"])
+        out.append(
+            f"\nRows measured again since the first run (`--update`): {done}; each row's "
+            "synthesis configuration is in its JSON. An updated row's generation time is its "
+            "cached set's, as that set was made (that run's code, threads and machine load): "
+            "compare it with the other rows with care.\n"
+        )
     out.append(environment_footer(record["environment"]))
     return "".join(out)
 
@@ -211,6 +262,12 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "synthetic")
     parser.add_argument("--output", default="generators", help="results sub-folder name")
     parser.add_argument("--render-only", action="store_true", help="re-render the Markdown")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="measure only --presets again, replacing their rows (and picture rows) in each "
+        "model's stored results; the real-data row and the other presets keep theirs",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -220,8 +277,16 @@ def main() -> None:
         return
     started = time.perf_counter()
     test_set = fashion_mnist("test")
-    models = [run_model(name, args, test_set) for name in args.models]
-    for model in models:
+    for name in args.models:
+        path = RESULTS / args.output / f"{name}.json"
+        previous = json.loads(path.read_text()) if args.update and path.is_file() else None
+        if args.update and previous is None:
+            raise SystemExit(f"--update: {path} does not exist; run without --update first")
+        if previous is not None:
+            same = {k: previous[k] for k in ("num_samples", "budget", "seed")}
+            if same != {"num_samples": args.num_samples, "budget": args.budget, "seed": args.seed}:
+                raise SystemExit(f"--update: {path} was made with {same}; give the same")
+        model = run_model(name, args, test_set, previous["models"][0] if previous else None)
         record = {
             "benchmark": "generators",
             "num_samples": args.num_samples,
@@ -232,7 +297,11 @@ def main() -> None:
             "peak_rss_mib": round(peak_rss_mib(), 1),
             "models": [model],
         }
-        write_json(RESULTS / args.output / f"{model['model']}.json", record)
+        if previous is not None:  # the first run's record, and what each update measured again
+            update = {"presets": list(args.presets), **{k: record[k] for k in UPDATE_KEYS}}
+            record = {**previous, "models": [model]}
+            record["updates"] = [*previous.get("updates", []), update]
+        write_json(path, record)
     text = render_all(RESULTS / args.output)
     write_text_atomic(RESULTS / f"{args.output}.md", text)
     print(text)
@@ -244,6 +313,11 @@ def render_all(folder: Path) -> str:
     if not records:
         raise SystemExit(f"no results in {folder}")
     merged = {**records[0], "models": [m for r in records for m in r["models"]]}
+    merged["updates"] = [
+        {**update, "model": r["models"][0]["model"]}
+        for r in records
+        for update in r.get("updates", [])
+    ]
     return render(merged)
 
 
