@@ -286,6 +286,11 @@ def main() -> None:
             same = {k: previous[k] for k in ("num_samples", "budget", "seed")}
             if same != {"num_samples": args.num_samples, "budget": args.budget, "seed": args.seed}:
                 raise SystemExit(f"--update: {path} was made with {same}; give the same")
+            known = [row["source"] for row in previous["models"][0]["rows"]]
+            if set(args.presets) - set(known):
+                raise SystemExit(
+                    f"--update replaces rows: {path} has {known}; a new preset needs a full run"
+                )
         model = run_model(name, args, test_set, previous["models"][0] if previous else None)
         record = {
             "benchmark": "generators",
