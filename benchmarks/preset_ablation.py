@@ -153,8 +153,8 @@ with the other held both ways."""
 
 
 def effects(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (model, spec) with every variant measured: each deviation's effect on mean top-1
-    (points; positive: our choice is better) and the largest seed spread among the variants,
+    """Per (model, spec) with every variant measured: each choice's effect on mean top-1
+    (points; positive: the preset's choice is better), the largest seed spread among the variants,
     the scale below which an effect is noise; then the mean over (model, spec)."""
     by_setting: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for row in summary:
