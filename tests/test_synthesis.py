@@ -66,6 +66,10 @@ def test_shapes_and_determinism(bn_model, preset):
     assert torch.equal(first.images, again.images)
     assert not torch.equal(first.images, other.images)
     assert [s["size"] for s in first.manifest["shards"]] == [6, 4]
+    # Each batch's seconds come with what measured them (a cached set's cost is read later).
+    assert {(s["torch_threads"], s["device"]) for s in first.manifest["shards"]} == {
+        (torch.get_num_threads(), "cpu")
+    }
 
 
 @pytest.mark.parametrize(("preset", "iterations"), [("zeroq", 25), ("dsg", 25), ("genie", 80)])

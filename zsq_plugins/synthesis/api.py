@@ -230,6 +230,9 @@ def synthesize(
                     "final_loss": result.final_loss,
                     "terms": result.terms,
                     "seconds": round(result.seconds, 3),
+                    # What the seconds were measured with: a cached set's cost is read later.
+                    "torch_threads": torch.get_num_threads(),
+                    "device": str(device),
                 },
             )
             log.debug("batch %d: loss %s -> %s", index, result.initial_loss, result.final_loss)
