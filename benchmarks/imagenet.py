@@ -135,9 +135,31 @@ def _cost_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         for phase in PHASES:
             row[f"{phase} s"] = timings.get(phase)
+        if cell.get("reconstruction_seconds") is not None:
+            row["reconstruct s"] = cell["reconstruction_seconds"]  # restored blocks included
         row["peak RSS MiB"] = max(memory.values(), default=None)
         rows.append(row)
     return rows
+
+
+def _resumed_notes(cells: list[dict[str, Any]]) -> str:
+    """What the time of a cell resumed from a reconstruction checkpoint covers."""
+    notes = []
+    for cell in cells:
+        restored = cell.get("resumed_blocks")
+        if not restored:
+            continue
+        covered = (
+            "adds their recorded seconds to this run's"
+            if cell.get("reconstruction_seconds") is not None
+            else "times only the blocks the resuming run reconstructed (this record predates "
+            "storing the restored blocks' seconds)"
+        )
+        notes.append(
+            f"- {cell['data']} {cell['spec']} {cell['toolkit']}: resumed after a stop with "
+            f"{restored} blocks restored from its checkpoint; `reconstruct s` {covered}.\n"
+        )
+    return "\n" + "".join(notes) if notes else ""
 
 
 def _generation_rows(data_dir: Path) -> list[dict[str, Any]]:
@@ -206,6 +228,7 @@ def render() -> str:
         )
         cost = _cost_rows(cells)
         out.append(markdown_table(cost, list(cost[0]), digits=1))
+        out.append(_resumed_notes(cells))
         if record.get("environment"):
             out.append(environment_footer(record["environment"]))
     if (RESULTS / "sensitivity.json").is_file():

@@ -450,6 +450,8 @@ def test_a_cell_stopped_during_reconstruction_resumes_after_its_last_block(tmp_p
         rows = run_grid(config, tmp_path, progress=False, plots=False)
     assert len(rows) == 1 and rows[0]["top1"] is not None
     assert started[0] == first_run[2], (first_run, started)  # after the two finished blocks
+    assert rows[0]["resumed_blocks"] == 2  # a page can say its time is of a resumed run
+    assert rows[0]["reconstruction_seconds"] >= 0
     assert not any(checkpoints.iterdir())
 
 
