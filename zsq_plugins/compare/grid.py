@@ -96,6 +96,10 @@ class GridConfig:
     toolkit_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     """Per toolkit, options for its own call (``apply(..., toolkit_options=...)``), e.g.
     ``{"nncf": {"target_device": "cpu"}}`` (a TOML table ``[grid.toolkit_options.nncf]``)."""
+    external_data: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Calibration sets made outside the library, by the name ``data`` gives them: the path
+    of a safetensors file whose ``images`` tensor is in the model's input space, e.g. a peer
+    toolkit's generator (a TOML table ``[grid.external_data]``, ``mct = "mct.safetensors"``)."""
     user_models: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     """Models of your own, by the name ``models`` gives them: UserModel fields, e.g.
     ``{"my_net": {"source": "nets/my_net.py:build", "input_shape": [3, 32, 32]}}`` (a TOML
@@ -117,6 +121,7 @@ class GridConfig:
         strays = sorted(set(options) - set(self.toolkits))
         if strays:
             raise ValueError(f"toolkit_options for {strays}, which the grid's toolkits lack")
+        self._check_external_data()
         if not isinstance(self.user_models, dict):
             raise ValueError(f"user_models must be a table per model, got {self.user_models!r}")
         for name, fields in self.user_models.items():
@@ -152,6 +157,23 @@ class GridConfig:
         from zsq_plugins.reconstruction.config import ReconstructionConfig
 
         ReconstructionConfig().replace(**self.reconstruction)  # fails now, not in a cell
+
+    def _check_external_data(self) -> None:
+        from zsq_plugins.synthesis.presets import GENERATORS
+
+        external = self.external_data
+        if not isinstance(external, dict) or not all(
+            isinstance(v, str) and v for v in external.values()
+        ):
+            raise ValueError(f"external_data must be a table of file paths, got {external!r}")
+        for name in external:
+            if name not in self.data:
+                raise ValueError(f"external_data names {name!r}, which the grid's data lack")
+            if name == REAL or name in GENERATORS.names():
+                raise ValueError(
+                    f"external_data {name!r} would hide the data source of that name; "
+                    "give the external set another name"
+                )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GridConfig:
@@ -239,6 +261,7 @@ class GridConfig:
             **({"reconstruction": self.reconstruction} if self.reconstruction else {}),
             **({"toolkit_options": self.toolkit_options} if self.toolkit_options else {}),
             **({"user_models": self.user_models} if self.user_models else {}),
+            **({"external_data": self.external_data} if self.external_data else {}),
             **({"imagenet_folder": True} if self.imagenet_folder else {}),
         }
 

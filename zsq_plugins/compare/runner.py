@@ -16,6 +16,7 @@ import torch
 from zsq_plugins.compare.data import (
     calibration_images,
     evaluation_data,
+    external_digest,
     fp32_top1,
     plays_toolkit,
 )
@@ -67,6 +68,7 @@ def run_cell(
     result = evaluate(quantized, test, fp_model, progress=progress, description=cell.key)
     published = None if config.user_model(cell.model) else zoo.card(cell.model).published_top1
     reconstruction = report.reconstruction
+    external = config.external_data.get(cell.data)
     return {
         **dataclasses.asdict(cell),
         "top1": result.top1,
@@ -88,6 +90,7 @@ def run_cell(
         "reconstruction_seconds": (
             round(reconstruction.seconds, 3) if reconstruction is not None else None
         ),
+        **({"external_sha256": external_digest(external)} if external is not None else {}),
     }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from zsq_plugins.budgets import auto_budget, model_macs
+from zsq_plugins.compare.data import external_digest
 from zsq_plugins.compare.grid import NO_RECONSTRUCTION, Cell, GridConfig
 from zsq_plugins.configio import Budget
 from zsq_plugins.errors import CacheMismatchError
@@ -104,6 +105,12 @@ class GridResults:
                 path,
                 cell.reconstruct,
             )
+            return None
+        external = self.config.external_data.get(cell.data)
+        digest = external_digest(external) if external is not None else None
+        if digest is not None and result.get("external_sha256") != digest:
+            log.warning("%s was calibrated on another version of %s; the cell runs again",
+                        path, external)  # fmt: skip
             return None
         return result
 
