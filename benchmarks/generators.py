@@ -108,10 +108,11 @@ def run_model(
     model = zoo.load(model_name)
     real = calibration_subset(args.num_samples, seed=args.seed)
     real_ranges = activation_ranges(model, real)
-    sources: dict[str, torch.Tensor] = {"real": real}
-    rows = [{"source": "real", "bn_loss": bn_statistics_loss(model, real)}]
-    if stored is not None:
-        sources, rows = {}, []
+    sources: dict[str, torch.Tensor] = {}
+    rows: list[dict[str, Any]] = []
+    if stored is None:  # an update keeps the stored real-data row
+        sources["real"] = real
+        rows.append({"source": "real", "bn_loss": bn_statistics_loss(model, real)})
     for preset in args.presets:
         log.info("%s: generating %d images with %s", model_name, args.num_samples, preset)
         images, info = generate(model_name, preset, args, args.budget, args.num_samples)

@@ -102,8 +102,8 @@ def calibration_images(
 
     user = config.user_model(model_name)
     if source in config.external_data:
-        shape = user.input_shape if user is not None else zoo.card(model_name).input_shape
-        return external_images(config.external_data[source], tuple(shape), config.num_samples)
+        shape = config.input_shape(model_name)
+        return external_images(config.external_data[source], shape, config.num_samples)
     if source == REAL:
         dataset = None if user is not None else zoo.card(model_name).dataset
         if dataset == "imagenet" and config.imagenet_folder:

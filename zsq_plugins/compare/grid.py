@@ -214,6 +214,15 @@ class GridConfig:
 
         return zoo.load(name)
 
+    def input_shape(self, name: str) -> tuple[int, ...]:
+        """The input shape (C, H, W) of the model a ``models`` name stands for."""
+        user = self.user_model(name)
+        if user is not None:
+            return tuple(user.input_shape)
+        from zsq_plugins import zoo
+
+        return tuple(zoo.card(name).input_shape)
+
     def quant_spec(self, label: str) -> QuantSpec:
         """The QuantSpec of a ``specs`` label, with the grid's ``quant`` fields."""
         return QuantSpec.from_dict({**QuantSpec.parse(label).to_dict(), **self.quant})

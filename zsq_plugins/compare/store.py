@@ -61,13 +61,7 @@ class GridResults:
     def macs(self, model: str) -> int:
         """Forward MACs per image of a grid's model (what the ``auto`` budget scales by)."""
         if model not in self._macs:
-            user = self.config.user_model(model)
-            if user is not None:
-                shape = user.input_shape
-            else:
-                from zsq_plugins.zoo import card
-
-                shape = card(model).input_shape
+            shape = self.config.input_shape(model)
             self._macs[model] = model_macs(self.config.load_model(model), shape)
         return self._macs[model]
 
