@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from imagenet_targets import describe as describe_targets
+from imagenet_targets import target_rows
 
 from zsq_plugins.compare import GridConfig, evaluation_data, run_grid
 from zsq_plugins.datasets.imagenet import CALIBRATION_POOL, ENV_VAR, ImageNetSamples
@@ -64,6 +66,8 @@ MODEL = "efficientnet_lite0"
 DEFAULT_PIPELINE = {"toolkit": "fx", "spec": "W4A8", "data": "genie", "reconstruct": "genie-m"}
 TARGET_MINUTES = 45.0
 """The default pipeline's target on 2 CPU threads."""
+ZERO_SHOT = "genie"
+"""The data preset the accuracy targets are evaluated for."""
 
 log = logging.getLogger("imagenet")
 
@@ -184,6 +188,27 @@ def _generation_rows(data_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _targets_section(records: list[dict[str, Any]]) -> str:
+    """The accuracy targets over every grid's cells, each cell tagged with its grid's seed."""
+    cells = [
+        {**cell, "seed": record["config"]["seed"]} for record in records for cell in record["cells"]
+    ]
+    fp32 = next((c["fp32_top1"] for c in cells if c.get("fp32_top1") is not None), None)
+    if fp32 is None:
+        return ""
+    rows = target_rows(cells, fp32, ZERO_SHOT)
+    columns = ["spec", "reconstruct", "toolkit", ZERO_SHOT, "spread", "real", "noise"]
+    columns += ["below FP32", "below real", "agreement", "verdict"]
+    return (
+        "\n## Targets\n\n"
+        f"Top-1 of {ZERO_SHOT} images, mean over seeds (spread: largest minus smallest seed), "
+        "beside real data and noise through the same pipeline, in the four toolkits:\n\n"
+        + describe_targets()
+        + "\n"
+        + markdown_table(rows, columns, digits=2)
+    )
+
+
 def render() -> str:
     from zsq_plugins.zoo import card
 
@@ -201,8 +226,11 @@ def render() -> str:
         "`overflow_fix = false`) with 256 calibration images and the `auto` budget "
         "(zsq_plugins.budgets); the default pipeline runs the library's defaults.\n",
     ]
+    records = []
     for part in GRIDS:
         record = _load(grid_folder(part) / "results.json")
+        if record is not None:
+            records.append(record)
         if record is None:
             out.append(f"\n## {TITLES[part]}\n\nNot measured yet: `python benchmarks/imagenet.py "
                        f"--part {part}`.\n")  # fmt: skip
@@ -231,6 +259,7 @@ def render() -> str:
         out.append(_resumed_notes(cells))
         if record.get("environment"):
             out.append(environment_footer(record["environment"]))
+    out.append(_targets_section(records))
     if (RESULTS / "sensitivity.json").is_file():
         out.append(
             "\n## Per-layer sensitivity\n\nWhich quantizers alone take the model away from "
