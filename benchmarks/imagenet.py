@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -166,6 +167,30 @@ def _resumed_notes(cells: list[dict[str, Any]]) -> str:
     return "\n" + "".join(notes) if notes else ""
 
 
+def _block_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per reconstructed block, medians over the cells that recorded blocks (records from
+    before blocks were recorded have none)."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for cell in cells:
+        for block in cell.get("reconstruction_blocks") or []:
+            if block.get("step_seconds") is not None and block.get("iterations"):
+                by_name.setdefault(block["name"], []).append(block)
+    rows = []
+    for name, blocks in by_name.items():
+        rows.append(
+            {
+                "block": name,
+                "cells": len(blocks),
+                "layers": blocks[0]["layers"],
+                "steps": statistics.median(b["iterations"] for b in blocks),
+                "set-up s": statistics.median(b["seconds"] - b["step_seconds"] for b in blocks),
+                "steps/s": statistics.median(b["iterations"] / b["step_seconds"] for b in blocks),
+                "peak RSS MiB": statistics.median(b["peak_rss_mib"] or 0.0 for b in blocks),
+            }
+        )
+    return rows
+
+
 def _generation_rows(data_dir: Path) -> list[dict[str, Any]]:
     """Each synthetic set the grids generated: its budget and throughput."""
     rows = []
@@ -257,6 +282,15 @@ def render() -> str:
         cost = _cost_rows(cells)
         out.append(markdown_table(cost, list(cost[0]), digits=1))
         out.append(_resumed_notes(cells))
+        blocks = _block_rows(cells)
+        if blocks:
+            out.append(
+                "\n### Reconstruction per block\n\nMedians over the cells that recorded "
+                "their blocks: the set-up (the block's FP targets and cached inputs for every "
+                "image, the write-back) apart from the learning steps, and the process's peak "
+                "resident memory while the block ran.\n\n"
+            )
+            out.append(markdown_table(blocks, list(blocks[0]), digits=2))
         if record.get("environment"):
             out.append(environment_footer(record["environment"]))
     out.append(_targets_section(records))

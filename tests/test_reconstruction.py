@@ -8,6 +8,7 @@ from tests.test_adapter_conformance import BUILT_IN, quantize, tiny_model
 from zsq_plugins import QuantSpec, apply
 from zsq_plugins.adapter import get_adapter
 from zsq_plugins.errors import CacheMismatchError, ChecksumMismatchError
+from zsq_plugins.phases import rss_mib
 from zsq_plugins.quant.fold import fold_batchnorm
 from zsq_plugins.reconstruction.config import ReconstructionConfig
 from zsq_plugins.reconstruction.routine import reconstruct
@@ -71,6 +72,18 @@ def test_layer_granularity_reconstructs_each_layer():
     config = FAST.replace(granularity="layer", iterations=20, learn_act_scales=False)
     report = reconstruct(quantized, model, torch.cat(data), config, progress=False)
     assert len(report.blocks) == len(quantized.weight_handles())
+
+
+def test_each_block_reports_its_steps_apart_from_its_set_up_and_its_peak_memory():
+    model = tiny_model("relu")
+    quantized, data = quantize("fx", model, QuantSpec.parse("W4A4"))
+    before = rss_mib()
+    report = reconstruct(quantized, model, torch.cat(data), FAST, progress=False)
+    for block in report.blocks:
+        assert block.iterations == FAST.iterations
+        assert 0 < block.step_seconds < block.seconds  # set-up (targets, write-back) is apart
+        if before is not None:
+            assert block.peak_rss_mib >= before
 
 
 @pytest.mark.parametrize("name", BUILT_IN)
@@ -174,6 +187,7 @@ def test_a_finished_checkpoint_is_restored_not_rerun(tmp_path):
     assert resumed.resumed_blocks == 3
     assert [b.name for b in resumed.blocks] == [b.name for b in report.blocks]
     assert [b.final_loss for b in resumed.blocks] == [b.final_loss for b in report.blocks]
+    assert [b.step_seconds for b in resumed.blocks] == [b.step_seconds for b in report.blocks]
     with torch.no_grad():
         torch.testing.assert_close(again.model(data[1]), first.model(data[1]), rtol=0, atol=0)
 

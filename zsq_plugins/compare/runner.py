@@ -90,6 +90,10 @@ def run_cell(
         "reconstruction_seconds": (
             round(reconstruction.seconds, 3) if reconstruction is not None else None
         ),
+        # per block: time (set-up and steps apart), peak memory and the loss it gained
+        "reconstruction_blocks": (
+            reconstruction.to_dict()["blocks"] if reconstruction is not None else None
+        ),
         **({"external_sha256": external_digest(external)} if external is not None else {}),
     }
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from zsq_plugins.adapter import QuantizedModel, QuantizerHandle
 from zsq_plugins.capture import capture_at, float_weights, plain_tensor, run_to
+from zsq_plugins.phases import PhaseMeter
 from zsq_plugins.quant.clipping import clip_activations
 from zsq_plugins.quant.fold import fold_batchnorm
 from zsq_plugins.quant.weight_clipping import init_weight_steps
@@ -62,6 +63,7 @@ class BlockReport:
     initial_loss: float
     final_loss: float
     seconds: float
+    """Wall time of the whole block: its targets, cached inputs, steps and write-back."""
     fidelity: float
     """Max |routine's final output - toolkit-native output| at the block's output point."""
     hard_loss: float = math.nan
@@ -75,6 +77,12 @@ class BlockReport:
     cached_inputs: bool = False
     """Whether the steps ran the block on cached inputs (see block_inputs.py) rather than
     recomputing the prefix."""
+    iterations: int = 0
+    step_seconds: float = math.nan
+    """Wall time of the learning steps alone: ``iterations / step_seconds`` is the block's
+    steps/s, what a budget buys, apart from the set-up that ``seconds`` includes."""
+    peak_rss_mib: float | None = None
+    """The process's peak resident memory while the block ran (phases.py)."""
 
 
 @dataclasses.dataclass
@@ -242,6 +250,7 @@ def reconstruct_block(
     optimizer = torch.optim.Adam(groups + scale_groups) if groups + scale_groups else None
     scale_params = [p for g in scale_groups for p in g["params"]]
     initial = final = math.nan
+    steps_started = time.perf_counter()
     try:
         with _frozen(model):
             for step in range(config.iterations):
@@ -272,6 +281,7 @@ def reconstruct_block(
                     bar.set_postfix(block=block.name, loss=f"{reconstruction:.4g}", refresh=False)
     finally:
         training["on"] = False
+        step_seconds = time.perf_counter() - steps_started
         cached_inputs = runner.replays
         runner.close()
     try:
@@ -300,6 +310,8 @@ def reconstruct_block(
         hard_loss=float(hard),
         plain_loss=float(plain),
         cached_inputs=cached_inputs,
+        iterations=config.iterations,
+        step_seconds=round(step_seconds, 3),
     )
 
 
@@ -408,6 +420,7 @@ def reconstruct(
         )
     learned_activations = activation_quantizers_by_block(quantized, blocks, images[:1])
     reports = list(restored)
+    meter = PhaseMeter()  # each block's time and peak memory, its targets included
     with tqdm(
         total=sum(stage.config.iterations for stage, _ in steps),
         initial=sum(stage.config.iterations for stage, _ in steps[: len(restored)]),
@@ -420,8 +433,12 @@ def reconstruct(
                 continue
             index = position % len(blocks)
             point = points[index]
-            targets = _targets(folded, point, images, config.block_inputs)
-            with _activations_off(activations if stage.float_activations else []):
+            name = stage.label + block.name
+            with (
+                meter.phase(name),
+                _activations_off(activations if stage.float_activations else []),
+            ):
+                targets = _targets(folded, point, images, config.block_inputs)
                 report = reconstruct_block(
                     quantized,
                     block,
@@ -434,7 +451,13 @@ def reconstruct(
                     bar,
                     learn_rounding=stage.learn_rounding,
                 )
-            report = dataclasses.replace(report, name=stage.label + report.name)
+                del targets  # before the next block's are made
+            report = dataclasses.replace(
+                report,
+                name=name,
+                seconds=meter.seconds[name],
+                peak_rss_mib=meter.peak_rss_mib.get(name),
+            )
             log.info(
                 "block %s: loss on the first batch %.4g -> %.4g (steps: first %.4g, last %.4g)",
                 report.name,
