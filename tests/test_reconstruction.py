@@ -77,13 +77,13 @@ def test_layer_granularity_reconstructs_each_layer():
 def test_each_block_reports_its_steps_apart_from_its_set_up_and_its_peak_memory():
     model = tiny_model("relu")
     quantized, data = quantize("fx", model, QuantSpec.parse("W4A4"))
-    before = rss_mib()
     report = reconstruct(quantized, model, torch.cat(data), FAST, progress=False)
     for block in report.blocks:
         assert block.iterations == FAST.iterations
         assert 0 < block.step_seconds < block.seconds  # set-up (targets, write-back) is apart
-        if before is not None:
-            assert block.peak_rss_mib >= before
+        # the meter's own accuracy is tested in test_phases.py; here, that each block has one
+        assert (block.peak_rss_mib is None) == (rss_mib() is None)
+        assert block.peak_rss_mib is None or block.peak_rss_mib > 0
 
 
 @pytest.mark.parametrize("name", BUILT_IN)
