@@ -213,12 +213,17 @@ def _generation_rows(data_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _fp32_top1(cells: list[dict[str, Any]]) -> float | None:
+    """FP32 top-1 on the evaluation images, as the cells recorded it."""
+    return next((c["fp32_top1"] for c in cells if c.get("fp32_top1") is not None), None)
+
+
 def _targets_section(records: list[dict[str, Any]]) -> str:
     """The accuracy targets over every grid's cells, each cell tagged with its grid's seed."""
     cells = [
         {**cell, "seed": record["config"]["seed"]} for record in records for cell in record["cells"]
     ]
-    fp32 = next((c["fp32_top1"] for c in cells if c.get("fp32_top1") is not None), None)
+    fp32 = _fp32_top1(cells)
     if fp32 is None:
         return ""
     rows = target_rows(cells, fp32, ZERO_SHOT)
@@ -254,14 +259,13 @@ def render() -> str:
     records = []
     for part in GRIDS:
         record = _load(grid_folder(part) / "results.json")
-        if record is not None:
-            records.append(record)
         if record is None:
             out.append(f"\n## {TITLES[part]}\n\nNot measured yet: `python benchmarks/imagenet.py "
                        f"--part {part}`.\n")  # fmt: skip
             continue
+        records.append(record)
         cells = record["cells"]
-        fp32 = next((c["fp32_top1"] for c in cells if c.get("fp32_top1") is not None), None)
+        fp32 = _fp32_top1(cells)
         link = f"imagenet/{grid_folder(part).name}/results.md"
         out.append(f"\n## {TITLES[part]}: [accuracy tables]({link})\n\n")
         if fp32 is not None:
