@@ -5,6 +5,7 @@ ImageNet images.
     python benchmarks/imagenet.py                    # every unfinished part (hours on 2 CPUs)
     python benchmarks/imagenet.py --part grid        # no reconstruction
     python benchmarks/imagenet.py --part genie-m     # W4A8 followed by genie-m
+    python benchmarks/imagenet.py --part w8a8-aac    # W8A8 with accurate activation clipping
     python benchmarks/imagenet.py --part default     # the default pipeline, timed (again)
     python benchmarks/imagenet.py --render-only      # the page from what is finished
 
@@ -12,8 +13,8 @@ The folder is a set of labelled ImageNet images such as the public "one image pe
 class" set (1,000 images). A fixed pool of 256 of them (``imagenet_split``: the smallest
 SHA-256 digests of the file names) is the real-data calibration set; the other 744 are the
 evaluation set of every row, FP32 included. The grids are ``zsq compare`` grids
-(benchmarks/configs/imagenet.toml, imagenet_genie_m.toml), resumable cell by cell; the
-default pipeline is ``apply(efficientnet_lite0, "fx", "W4A8", data="genie",
+(benchmarks/configs/imagenet.toml, imagenet_genie_m.toml, imagenet_w8a8_aac.toml), resumable
+cell by cell; the default pipeline is ``apply(efficientnet_lite0, "fx", "W4A8", data="genie",
 reconstruct="genie-m")`` with no other argument, timed phase by phase with its peak memory.
 Writes docs/results/imagenet/ and docs/results/imagenet.md.
 """
@@ -49,11 +50,15 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results" / "imagenet"
 PAGE = ROOT / "docs" / "results" / "imagenet.md"
 CONFIGS = ROOT / "benchmarks" / "configs"
-GRIDS = {"grid": "imagenet", "genie-m": "imagenet_genie_m"}
+GRIDS = {"grid": "imagenet", "genie-m": "imagenet_genie_m", "w8a8-aac": "imagenet_w8a8_aac"}
 """Part name -> its grid config, benchmarks/configs/<name>.toml."""
 
 
-TITLES = {"grid": "No reconstruction", "genie-m": "W4A8, reconstructed with genie-m"}
+TITLES = {
+    "grid": "No reconstruction",
+    "genie-m": "W4A8, reconstructed with genie-m",
+    "w8a8-aac": "W8A8, calibration + accurate activation clipping",
+}
 
 
 def grid_folder(part: str) -> Path:
@@ -227,7 +232,8 @@ def _targets_section(records: list[dict[str, Any]]) -> str:
     if fp32 is None:
         return ""
     rows = target_rows(cells, fp32, ZERO_SHOT)
-    columns = ["spec", "reconstruct", "toolkit", ZERO_SHOT, "spread", "real", "noise"]
+    columns = ["spec", "calibration", "reconstruct", "toolkit", ZERO_SHOT, "spread", "real"]
+    columns += ["noise"]
     columns += ["below FP32", "below real", "agreement", "verdict"]
     return (
         "\n## Targets\n\n"

@@ -90,3 +90,14 @@ def test_the_toolkit_spread_uses_every_measured_toolkit(targets):
     cells = [c for c in cells if c["toolkit"] != "nncf"]
     spread = _row(targets.target_rows(cells, FP32, "genie"), "W4A8", "spread over toolkits")
     assert spread["verdict"] == "met, without nncf"
+
+
+def test_each_calibration_pipeline_is_judged_on_its_own_cells(targets):
+    cells = [
+        _cell("genie", "W8A8", "fx", 88.0, reconstruct="none", agreement=98.0),
+        {**_cell("genie", "W8A8", "fx", 89.8, reconstruct="none", agreement=98.0),
+         "calibration": "aac"},
+    ]  # fmt: skip
+    rows = [r for r in targets.target_rows(cells, FP32, "genie") if r["toolkit"] == "fx"]
+    verdicts = {r["calibration"]: r["verdict"] for r in rows if r["spec"] == "W8A8"}
+    assert verdicts == {"plain": "missed by 1.50 (1 of 2 seeds)", "aac": "met (1 of 2 seeds)"}
