@@ -6,6 +6,7 @@ ImageNet images.
     python benchmarks/imagenet.py --part grid        # no reconstruction
     python benchmarks/imagenet.py --part genie-m     # W4A8 followed by genie-m
     python benchmarks/imagenet.py --part w8a8-aac    # W8A8 with accurate activation clipping
+    python benchmarks/imagenet.py --part loss        # one experiment on the genie-m grid
     python benchmarks/imagenet.py --part default     # the default pipeline, timed (again)
     python benchmarks/imagenet.py --render-only      # the page from what is finished
 
@@ -59,6 +60,13 @@ TITLES = {
     "genie-m": "W4A8, reconstructed with genie-m",
     "w8a8-aac": "W8A8, calibration + accurate activation clipping",
 }
+
+
+EXPERIMENTS = {"loss": "imagenet_loss", "weight-init": "imagenet_weight_init"}
+"""Single-factor experiments on the genie-m grid: part name -> its grid config, whose
+``[grid.reconstruction]`` table is the one change; each cell is set beside the genie-m cell
+of the same data, spec and toolkit (and kept out of the targets)."""
+BASELINE = "genie-m"
 
 
 def grid_folder(part: str) -> Path:
@@ -130,7 +138,7 @@ def _load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-PHASES = ("data", "quantize_and_calibrate", "reconstruct", "evaluate")
+PHASES = ("data", "quantize_and_calibrate", "clip", "reconstruct", "evaluate")
 
 
 def _cost_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -223,6 +231,60 @@ def _fp32_top1(cells: list[dict[str, Any]]) -> float | None:
     return next((c["fp32_top1"] for c in cells if c.get("fp32_top1") is not None), None)
 
 
+def _experiment_rows(
+    baseline: list[dict[str, Any]], variant: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each variant cell beside the baseline cell of the same data, spec and toolkit."""
+    index = {(c["data"], c["spec"], c["toolkit"]): c for c in baseline}
+    rows = []
+    for cell in variant:
+        base = index.get((cell["data"], cell["spec"], cell["toolkit"]))
+        row = {
+            "data": cell["data"],
+            "spec": cell["spec"],
+            "toolkit": cell["toolkit"],
+            "baseline top1": None if base is None else base["top1"],
+            "top1": cell["top1"],
+            "change": None if base is None else cell["top1"] - base["top1"],
+            "baseline agreement": None if base is None else base["agreement"],
+            "agreement": cell["agreement"],
+            "baseline reconstruct s": None if base is None else _reconstruct_seconds(base),
+            "reconstruct s": _reconstruct_seconds(cell),
+        }
+        rows.append(row)
+    return rows
+
+
+def _reconstruct_seconds(cell: dict[str, Any]) -> float | None:
+    """The cell's reconstruction time, restored blocks included where recorded."""
+    if cell.get("reconstruction_seconds") is not None:
+        return cell["reconstruction_seconds"]
+    return cell.get("timings_s", {}).get("reconstruct")
+
+
+def _experiments_section(baseline: dict[str, Any] | None) -> str:
+    """The single-factor experiments, each against the genie-m grid."""
+    if baseline is None:
+        return ""
+    out = []
+    for part, name in EXPERIMENTS.items():
+        record = _load(grid_folder(part) / "results.json")
+        if record is None:
+            continue
+        config = GridConfig.from_toml(CONFIGS / f"{name}.toml")
+        change = ", ".join(f"`{k} = {v!r}`" for k, v in sorted(config.reconstruction.items()))
+        rows = _experiment_rows(baseline["cells"], record["cells"])
+        out.append(
+            f"\n### {part}: {change}\n\nThe {BASELINE} grid's pipeline with {change} "
+            f"(benchmarks/configs/{name}.toml); `baseline` is the {BASELINE} grid's cell of "
+            "the same data, spec and toolkit.\n\n"
+        )
+        out.append(markdown_table(rows, list(rows[0]), digits=2))
+    if not out:
+        return ""
+    return "\n## Single-factor experiments\n" + "".join(out)
+
+
 def _targets_section(records: list[dict[str, Any]]) -> str:
     """The accuracy targets over every grid's cells, each cell tagged with its grid's seed."""
     cells = [
@@ -304,6 +366,7 @@ def render() -> str:
         if record.get("environment"):
             out.append(environment_footer(record["environment"]))
     out.append(_targets_section(records))
+    out.append(_experiments_section(_load(grid_folder(BASELINE) / "results.json")))
     if (RESULTS / "sensitivity.json").is_file():
         out.append(
             "\n## Per-layer sensitivity\n\nWhich quantizers alone take the model away from "
@@ -362,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         "--imagenet-dir", default=None, help=f"the labelled image folder (default ${ENV_VAR})"
     )
     parser.add_argument(
-        "--part", choices=["all", *GRIDS, "default"], default="all", help="what to run"
+        "--part",
+        choices=["all", *GRIDS, *EXPERIMENTS, "default"],
+        default="all",
+        help="what to run (all: the grids and the default pipeline, not the experiments)",
     )
     parser.add_argument("--render-only", action="store_true", help="only rebuild the page")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
@@ -378,15 +444,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         log.info("%d labelled images in %s", len(folder), folder.root)
         torch.manual_seed(0)
-        for part, name in GRIDS.items():
-            if args.part in ("all", part):
+        for part, name in {**GRIDS, **EXPERIMENTS}.items():
+            if args.part == part or (args.part == "all" and part in GRIDS):
                 config = GridConfig.from_toml(CONFIGS / f"{name}.toml")
                 run_grid(config, grid_folder(part), data_dir=DATA_DIR, progress=args.progress)
         write_json(RESULTS / "generation.json", {"sets": _generation_rows(DATA_DIR)})
         measured = (RESULTS / "default_pipeline.json").is_file()
         if args.part == "default" or (args.part == "all" and not measured):
             run_default_pipeline(RESULTS, args.progress)
-    for part, name in GRIDS.items():  # the grids' own pages, from every finished cell
+    parts = {**GRIDS, **EXPERIMENTS}.items()
+    for part, name in parts:  # the grids' own pages, from every finished cell
         if (grid_folder(part) / "cells").is_dir():
             config = GridConfig.from_toml(CONFIGS / f"{name}.toml")
             run_grid(config, grid_folder(part), data_dir=DATA_DIR, progress=False, render_only=True)

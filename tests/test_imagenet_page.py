@@ -1,0 +1,56 @@
+"""The ImageNet page's single-factor experiments (benchmarks/imagenet.py), on made-up cells."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "imagenet.py"
+
+
+@pytest.fixture(scope="module")
+def page():
+    sys.path.insert(0, str(SCRIPT.parent))  # it imports imagenet_targets beside it
+    spec = importlib.util.spec_from_file_location("imagenet_page", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+        sys.path.remove(str(SCRIPT.parent))
+
+
+def _cell(data, toolkit, top1, seconds, resumed_total=None):
+    cell = {
+        "data": data,
+        "spec": "W4A8",
+        "toolkit": toolkit,
+        "top1": top1,
+        "agreement": top1 + 5,
+        "timings_s": {"reconstruct": seconds},
+    }
+    if resumed_total is not None:
+        cell["reconstruction_seconds"] = resumed_total
+    return cell
+
+
+def test_each_variant_cell_stands_beside_its_own_baseline_cell(page):
+    baseline = [
+        _cell("genie", "fx", 77.0, 1400.0),
+        _cell("real", "fx", 84.0, 2000.0, resumed_total=2100.0),
+        _cell("genie", "pt2e", 78.0, 1100.0),
+    ]
+    variant = [_cell("real", "fx", 85.5, 1900.0), _cell("genie", "fx", 76.0, 1500.0)]
+    rows = page._experiment_rows(baseline, variant)
+    real, genie = rows
+    assert (real["data"], real["baseline top1"], real["top1"]) == ("real", 84.0, 85.5)
+    assert real["change"] == pytest.approx(1.5)
+    assert real["baseline reconstruct s"] == 2100.0  # restored blocks included
+    assert genie["change"] == pytest.approx(-1.0) and genie["baseline agreement"] == 82.0
+    lone = page._experiment_rows(baseline, [_cell("noise", "fx", 10.0, 1.0)])[0]
+    assert lone["baseline top1"] is None and lone["change"] is None
