@@ -3,7 +3,7 @@ import torch
 
 from zsq_plugins.quant.fakequant import affine_params, fake_quantize
 from zsq_plugins.reconstruction.config import ReconstructionConfig
-from zsq_plugins.reconstruction.rounding import AdaRoundWeight, LSQActivation
+from zsq_plugins.reconstruction.rounding import AdaRoundWeight, LSQActivation, drop_mask
 
 
 def _weight():
@@ -117,6 +117,22 @@ def test_lsq_gradients_match_the_recorded_operations(qdrop, qmin, qmax, zero):
     torch.testing.assert_close(grad_x, grad_x_ref)
     torch.testing.assert_close(grad_step, grad_step_ref, rtol=1e-4, atol=1e-6)
     assert grad_step.abs() > 0
+
+
+@pytest.mark.parametrize("probability", [0.1, 0.5, 0.9])
+def test_drop_mask_keeps_each_element_independently_with_its_probability(probability):
+    shape = (3, 7, 101, 53)  # an element count that is not a multiple of 4
+    mask = drop_mask(shape, probability, torch.Generator().manual_seed(0))
+    assert mask.shape == shape and mask.dtype == torch.bool
+    flat = mask.flatten().float()
+    assert abs(flat.mean() - probability) < 0.01
+    # elements drawn from the same 64-bit word and neighbours: no correlation
+    for lag in (1, 2, 3, 4):
+        both = (flat[:-lag] * flat[lag:]).mean()
+        assert abs(both - probability**2) < 0.01
+    again = drop_mask(shape, probability, torch.Generator().manual_seed(0))
+    assert torch.equal(mask, again)
+    assert not torch.equal(mask, drop_mask(shape, probability, torch.Generator().manual_seed(1)))
 
 
 def test_lsq_forward_uses_its_step_exactly():

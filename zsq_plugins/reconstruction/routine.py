@@ -44,7 +44,7 @@ from zsq_plugins.reconstruction.block_inputs import BlockInputCache, BlockRunner
 from zsq_plugins.reconstruction.blocks import Block, find_blocks, output_points
 from zsq_plugins.reconstruction.checkpoint import ReconstructionCheckpoint, checkpoint_identity
 from zsq_plugins.reconstruction.config import LossReduction, ReconstructionConfig, Schedule
-from zsq_plugins.reconstruction.rounding import AdaRoundWeight, LSQActivation
+from zsq_plugins.reconstruction.rounding import AdaRoundWeight, LSQActivation, drop_mask
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ ROUTINE_REVISION = 2
 recorded before count as stale (compare.reconstruction_config). 2: every toolkit learns the
 same activation quantizers, assigned to blocks by execution order (before, by name, which
 left out those named after modules: most ReLU outputs), and learned steps round as the
-toolkit does."""
+toolkit does. Not bumped when only the random draws change (QDrop's masks come from
+rounding.drop_mask since ImageNet-scale steps needed a cheaper draw): the same method with
+other draws, as a new torch release gives, moves a figure within its seed-to-seed spread."""
 
 
 @dataclasses.dataclass
@@ -220,8 +222,7 @@ def reconstruct_block(
             torch.set_grad_enabled(True)
             keep_float = None
             if training["on"] and config.drop_probability > 0:  # QDrop
-                keep_float = torch.rand(x.shape, generator=generator) < config.drop_probability
-                keep_float = keep_float.to(x.device)
+                keep_float = drop_mask(x.shape, config.drop_probability, generator).to(x.device)
             # the toolkit's value, LSQ's gradient
             return lsq(x, plain_tensor(toolkit_output), keep_float)
 
