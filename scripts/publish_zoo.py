@@ -32,6 +32,9 @@ def main() -> None:
     test_set = fashion_mnist("test")
     for name in args.models or MODELS.names():
         card = MODELS.get(name)
+        if card.base is not None:
+            print(f"skip {name}: made from {card.base}, whose facts it shares")
+            continue
         path = card.weights.path()
         if not path.is_file():
             print(f"skip {name}: no weights at {path}")

@@ -1,3 +1,4 @@
+import dataclasses
 import shutil
 
 import pytest
@@ -29,7 +30,8 @@ ACCURACY_FLOOR = {
 
 
 def test_registry_lists_models_and_filters():
-    assert zoo.list_models() == sorted(["efficientnet_lite0", *FMNIST_MODELS])
+    imagenet = ["efficientnet_lite0", "efficientnet_lite0_folded"]
+    assert zoo.list_models() == sorted([*imagenet, *FMNIST_MODELS])
     assert zoo.list_models("*_fmnist") == FMNIST_MODELS
 
 
@@ -124,3 +126,23 @@ def test_efficientnet_lite0_classifies_imagenet_samples_and_exports():
     torch.testing.assert_close(traced(images[:2]), model(images[:2]))
     exported = torch.export.export(model, (images[:2],))  # batch size is specialized
     torch.testing.assert_close(exported.module()(images[2:4]), model(images[2:4]))
+
+
+@requires_imagenet_extra
+def test_a_derived_card_is_its_base_in_another_form():
+    """efficientnet_lite0_folded: the base's checked weights with every BN folded away."""
+    base, folded = zoo.load("efficientnet_lite0"), zoo.load("efficientnet_lite0_folded")
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert not zoo.card("efficientnet_lite0_folded").has_batchnorm
+    assert zoo.card("efficientnet_lite0_folded").sha256 == zoo.card("efficientnet_lite0").sha256
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), base(x), rtol=1e-4, atol=1e-4)
+    untrained = zoo.load("efficientnet_lite0_folded", pretrained=False)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in untrained.modules())
+
+
+def test_a_derived_card_needs_its_base_and_transform():
+    card = zoo.card("vgg_nobn_fmnist")
+    with pytest.raises(ValueError, match="needs both base and transform"):
+        dataclasses.replace(card, base="resnet20_fmnist")

