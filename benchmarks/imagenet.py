@@ -367,11 +367,19 @@ def render() -> str:
             out.append(environment_footer(record["environment"]))
     out.append(_targets_section(records))
     out.append(_experiments_section(_load(grid_folder(BASELINE) / "results.json")))
-    if (RESULTS / "sensitivity.json").is_file():
+    tables = sorted(RESULTS.glob("sensitivity*.json"))
+    if tables:
+        links = []
+        for path in tables:
+            record = json.loads(path.read_text())
+            links.append(
+                f"- [{record['spec']}, {record['toolkit']}, {record['data']} calibration]"
+                f"(imagenet/{path.stem}.md) (`python benchmarks/sensitivity.py --spec "
+                f"{record['spec']}`)\n"
+            )
         out.append(
             "\n## Per-layer sensitivity\n\nWhich quantizers alone take the model away from "
-            "FP32 at 4 bits: [sensitivity table](imagenet/sensitivity.md) "
-            "(`python benchmarks/sensitivity.py`).\n"
+            "FP32:\n\n" + "".join(links)
         )
     generation = (_load(RESULTS / "generation.json") or {}).get("sets", [])
     if generation:

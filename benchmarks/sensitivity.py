@@ -3,6 +3,7 @@ handles: which quantizers, alone, take the model away from FP32.
 
     ZSQ_IMAGENET_DIR=<folder> python benchmarks/sensitivity.py            # fx, W4A4, real
     ZSQ_IMAGENET_DIR=<folder> python benchmarks/sensitivity.py --toolkit nncf --data genie
+    ZSQ_IMAGENET_DIR=<folder> python benchmarks/sensitivity.py --spec W8A8 --eval-images 128
 
 The model is quantized by ``apply(model, toolkit, spec, data=...)`` (the literature's setting:
 8-bit first and last layers) and calibrated on the ImageNet folder's 256-image pool (or on a
@@ -13,7 +14,8 @@ together, everything, and every weight quantizer after the per-channel L_2.4 ste
 reconstruction starts from (zsq_plugins.quant.weight_clipping). Each weight row names the
 layer's kind (stem, depthwise, expand/project 1x1, head) and the spread of its per-channel
 ranges (largest channel max|w| over the median one), the quantity BN folding inflates.
-Writes docs/results/imagenet/sensitivity.json and .md.
+Writes docs/results/imagenet/sensitivity.json and .md (sensitivity_<spec>.* for a spec other than
+W4A4).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results" / "imagenet"
 MODEL = "efficientnet_lite0"
 log = logging.getLogger("benchmarks.sensitivity")
+DEFAULT_SPEC = "W4A4"
 SEARCH_ALL = "every weight quantizer, L_2.4 step search"
 SEARCH_DEPTHWISE = "every weight quantizer, L_2.4 step search on depthwise layers only"
 SEARCH_OTHERS = "every weight quantizer, L_2.4 step search on all but depthwise layers"
@@ -183,14 +186,22 @@ def render(record: dict[str, Any]) -> str:
     ranked = sorted(kinds, key=lambda k: -k["median KL"])
     together = by_name["every weight quantizer"]
     searched = by_name[SEARCH_ALL]
+    activations = by_name["every activation quantizer"]
+    alone = weights[0]
+    lead = (
+        "No single quantizer explains the loss. "
+        if alone["agreement"] - together["agreement"] > 10.0
+        else ""
+    )
     findings = (
         "## What it shows\n\n"
-        f"- No single quantizer explains the collapse. The most harmful weight quantizer "
-        f"alone ({weights[0]['quantized']}, {weights[0]['kind'].removeprefix('weight: ')}) "
-        f"keeps {weights[0]['agreement']:.1f}% agreement; every weight quantizer together "
-        f"keeps {together['agreement']:.1f}%. The single-layer KLs add up to "
+        f"- {lead}The most harmful weight quantizer alone ({alone['quantized']}, "
+        f"{alone['kind'].removeprefix('weight: ')}) keeps {alone['agreement']:.1f}% "
+        f"agreement; every weight quantizer together keeps {together['agreement']:.1f}%, "
+        f"every activation quantizer together {activations['agreement']:.1f}% (KL "
+        f"{activations['kl']:.3f}). The single-layer KLs add up to "
         f"{sum(r['kl'] for r in weights):.2f} against {together['kl']:.2f} together: the "
-        "error of each 4-bit layer compounds through the ones after it.\n"
+        "error of each quantized layer compounds through the ones after it.\n"
         f"- By kind, {ranked[0]['kind'].removeprefix('weight: ')} and "
         f"{ranked[1]['kind'].removeprefix('weight: ')} layers are the most sensitive (median "
         f"KL {ranked[0]['median KL']:.3f} and {ranked[1]['median KL']:.3f} a layer).\n"
@@ -241,20 +252,25 @@ def render(record: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--toolkit", default="fx")
-    parser.add_argument("--spec", default="W4A4")
+    parser.add_argument("--spec", default=DEFAULT_SPEC)
     parser.add_argument("--data", default="real", help="real, or a generator preset")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--eval-images", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
-    path = RESULTS / "sensitivity.json"
+    path = result_path(args.spec)
     if not args.render_only:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         torch.set_num_threads(args.threads)
         write_json(path, run(args))
     record = json.loads(path.read_text())
-    write_text_atomic(RESULTS / "sensitivity.md", render(record))
+    write_text_atomic(path.with_suffix(".md"), render(record))
+
+
+def result_path(spec: str) -> Path:
+    """sensitivity.json for the default W4A4, sensitivity_<spec>.json for another spec."""
+    return RESULTS / ("sensitivity.json" if spec == DEFAULT_SPEC else f"sensitivity_{spec}.json")
 
 
 if __name__ == "__main__":
