@@ -6,6 +6,7 @@ ImageNet images.
     python benchmarks/imagenet.py --part grid        # no reconstruction
     python benchmarks/imagenet.py --part genie-m     # W4A8 followed by genie-m
     python benchmarks/imagenet.py --part w8a8-aac    # W8A8 with accurate activation clipping
+    python benchmarks/imagenet.py --part generators  # the other BN presets, fx W4A8 genie-m
     python benchmarks/imagenet.py --part loss        # one experiment on the genie-m grid
     python benchmarks/imagenet.py --part default     # the default pipeline, timed (again)
     python benchmarks/imagenet.py --render-only      # the page from what is finished
@@ -62,6 +63,11 @@ TITLES = {
 }
 
 
+GENERATORS = {"generators": "imagenet_generators"}
+"""The BN presets other than genie through the genie-m pipeline (fx, W4A8): with the genie-m
+grid's cells, the generator cost-accuracy table."""
+GENERATOR_CELL = {"toolkit": "fx", "spec": "W4A8", "reconstruct": "genie-m"}
+"""The cell each generator is judged by in the cost-accuracy table."""
 EXPERIMENTS = {"loss": "imagenet_loss", "weight-init": "imagenet_weight_init"}
 """Single-factor experiments on the genie-m grid: part name -> its grid config, whose
 ``[grid.reconstruction]`` table is the one change; each cell is set beside the genie-m cell
@@ -204,6 +210,16 @@ def _block_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _update_generation(data_dir: Path) -> None:
+    """generation.json with every set in ``data_dir``; the sets recorded before and no
+    longer cached here are kept (the page is built from the JSON, not the cache)."""
+    key = ("preset", "budget", "images", "iterations", "batch")
+    recorded = (_load(RESULTS / "generation.json") or {}).get("sets", [])
+    rows = {tuple(r[k] for k in key): r for r in recorded}
+    rows.update({tuple(r[k] for k in key): r for r in _generation_rows(data_dir)})
+    write_json(RESULTS / "generation.json", {"sets": list(rows.values())})
+
+
 def _generation_rows(data_dir: Path) -> list[dict[str, Any]]:
     """Each synthetic set the grids generated: its budget and throughput."""
     rows = []
@@ -224,6 +240,31 @@ def _generation_rows(data_dir: Path) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def generator_rows(
+    generation: list[dict[str, Any]], cells: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Per generated set, its cost and the GENERATOR_CELL cell calibrated on it; noise and
+    real data (no generation) first."""
+    judged = {c["data"]: c for c in cells if all(c.get(k) == v for k, v in GENERATOR_CELL.items())}
+
+    def row(data: str, minutes: float | None, images_per_s: float | None) -> dict[str, Any]:
+        cell = judged.get(data, {})
+        return {
+            "data": data,
+            "generation minutes": minutes,
+            "images/s": images_per_s,
+            "top1": cell.get("top1"),
+            "agreement": cell.get("agreement"),
+            "kl": cell.get("kl"),
+        }
+
+    rows = [row(data, None, None) for data in ("noise", "real") if data in judged]
+    for entry in generation:
+        if entry["preset"] in judged:
+            rows.append(row(entry["preset"], entry["minutes"], entry["images/s"]))
+    return rows if len(rows) > sum(1 for r in rows if r["data"] in ("noise", "real")) else []
 
 
 def _fp32_top1(cells: list[dict[str, Any]]) -> float | None:
@@ -385,6 +426,20 @@ def render() -> str:
     if generation:
         out.append("\n## Generation\n\n")
         out.append(markdown_table(generation, list(generation[0]), digits=2))
+        cells = [
+            cell
+            for part in ("genie-m", *GENERATORS)
+            for cell in (_load(grid_folder(part) / "results.json") or {}).get("cells", [])
+        ]
+        rows = generator_rows(generation, cells)
+        if rows:
+            where = ", ".join(f"{k} {v}" for k, v in GENERATOR_CELL.items())
+            out.append(
+                f"\n### Which generator, for which cost\n\nEach set's generation time beside "
+                f"the top-1 it gives through the same pipeline ({where}); noise and real "
+                "data through it for reference.\n\n"
+            )
+            out.append(markdown_table(rows, list(rows[0]), digits=2))
     default = _load(RESULTS / "default_pipeline.json")
     out.append("\n## The default pipeline\n\n")
     if default is None:
@@ -434,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--part",
-        choices=["all", *GRIDS, *EXPERIMENTS, "default"],
+        choices=["all", *GRIDS, *GENERATORS, *EXPERIMENTS, "default"],
         default="all",
         help="what to run (all: the grids and the default pipeline, not the experiments)",
     )
@@ -452,15 +507,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         log.info("%d labelled images in %s", len(folder), folder.root)
         torch.manual_seed(0)
-        for part, name in {**GRIDS, **EXPERIMENTS}.items():
+        for part, name in {**GRIDS, **GENERATORS, **EXPERIMENTS}.items():
             if args.part == part or (args.part == "all" and part in GRIDS):
                 config = GridConfig.from_toml(CONFIGS / f"{name}.toml")
                 run_grid(config, grid_folder(part), data_dir=DATA_DIR, progress=args.progress)
-        write_json(RESULTS / "generation.json", {"sets": _generation_rows(DATA_DIR)})
         measured = (RESULTS / "default_pipeline.json").is_file()
         if args.part == "default" or (args.part == "all" and not measured):
             run_default_pipeline(RESULTS, args.progress)
-    parts = {**GRIDS, **EXPERIMENTS}.items()
+    if DATA_DIR.is_dir():
+        _update_generation(DATA_DIR)
+    parts = {**GRIDS, **GENERATORS, **EXPERIMENTS}.items()
     for part, name in parts:  # the grids' own pages, from every finished cell
         if (grid_folder(part) / "cells").is_dir():
             config = GridConfig.from_toml(CONFIGS / f"{name}.toml")

@@ -54,3 +54,26 @@ def test_each_variant_cell_stands_beside_its_own_baseline_cell(page):
     assert genie["change"] == pytest.approx(-1.0) and genie["baseline agreement"] == 82.0
     lone = page._experiment_rows(baseline, [_cell("noise", "fx", 10.0, 1.0)])[0]
     assert lone["baseline top1"] is None and lone["change"] is None
+
+
+def test_each_generator_is_judged_by_its_pipeline_cell(page):
+    generation = [
+        {"preset": "genie", "minutes": 20.0, "images/s": 0.2},
+        {"preset": "zeroq", "minutes": 8.0, "images/s": 0.5},
+        {"preset": "dsg", "minutes": 9.0, "images/s": 0.4},  # no cell yet: left out
+    ]
+    pipeline = {"spec": "W4A8", "toolkit": "fx", "reconstruct": "genie-m", "agreement": 1.0}
+    cells = [
+        {**pipeline, "data": "genie", "top1": 77.0, "kl": 0.3},
+        {**pipeline, "data": "zeroq", "top1": 70.0, "kl": 0.5},
+        {**pipeline, "data": "real", "top1": 84.0, "kl": 0.1},
+        {**pipeline, "data": "zeroq", "top1": 99.0, "kl": 0.0, "toolkit": "nncf"},
+        {**pipeline, "data": "zeroq", "top1": 99.0, "kl": 0.0, "reconstruct": "none"},
+    ]
+    rows = page.generator_rows(generation, cells)
+    assert [(r["data"], r["top1"], r["generation minutes"]) for r in rows] == [
+        ("real", 84.0, None),
+        ("genie", 77.0, 20.0),
+        ("zeroq", 70.0, 8.0),
+    ]
+    assert page.generator_rows(generation, cells[2:3]) == []  # real alone is no comparison
