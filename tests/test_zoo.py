@@ -143,6 +143,9 @@ def test_a_derived_card_is_its_base_in_another_form():
 
 
 def test_a_derived_card_needs_its_base_and_transform():
+    folded, base = zoo.card("efficientnet_lite0_folded"), zoo.card("efficientnet_lite0")
+    assert (folded.sha256, folded.published_top1) == (base.sha256, base.published_top1)
+    assert folded.sha256 is not None and folded.published_top1 is not None
     card = zoo.card("vgg_nobn_fmnist")
     with pytest.raises(ValueError, match="needs both base and transform"):
         dataclasses.replace(card, base="resnet20_fmnist")

@@ -124,7 +124,8 @@ class _ToolkitValueLSQGradient(torch.autograd.Function):
             step = levels.clamp_(low, high).sub_(ratio.masked_fill_(outside, 0.0))
             if keep is not None:
                 step.masked_fill_(keep, 0.0)
-            grad_scale = (torch.dot(step.flatten(), grad.flatten()) * factor).reshape(scale.shape)
+            grad_scale = torch.dot(step.flatten(), grad.flatten().to(step.dtype)) * factor
+            grad_scale = grad_scale.reshape(scale.shape)
         return grad_x, grad_scale, None, None, None, None, None, None
 
 

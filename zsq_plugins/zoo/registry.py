@@ -174,14 +174,18 @@ _DECLARED: tuple[ModelCard, ...] = (
         transform=fold_batchnorm,
         description="EfficientNet-Lite0 with every BatchNorm folded into its convolution, as "
         "models exported for inference arrive: no BN statistics to invert (GZSQ's setting)",
-        published_top1=75.1,
         published_top1_source="efficientnet_lite0's: folding BatchNorm keeps the function",
     ),
 )
 
 
 def _with_manifest(card: ModelCard) -> ModelCard:
-    facts = _manifest().get(card.base or card.name, {})  # a derived card has its base's weights
+    """The card with the manifest's facts; a derived card has its base's weights and
+    accuracy."""
+    if card.base is not None:
+        base = _with_manifest(MODELS.get(card.base))
+        return dataclasses.replace(card, sha256=base.sha256, published_top1=base.published_top1)
+    facts = _manifest().get(card.name, {})
     return dataclasses.replace(
         card,
         sha256=facts.get("sha256", card.sha256),  # type: ignore[arg-type]
