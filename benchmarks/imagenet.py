@@ -159,8 +159,7 @@ def _cost_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         for phase in PHASES:
             row[f"{phase} s"] = timings.get(phase)
-        if cell.get("reconstruction_seconds") is not None:
-            row["reconstruct s"] = cell["reconstruction_seconds"]  # restored blocks included
+        row["reconstruct s"] = _reconstruct_seconds(cell)
         row["peak RSS MiB"] = max(memory.values(), default=None)
         rows.append(row)
     return rows
@@ -260,11 +259,14 @@ def generator_rows(
             "kl": cell.get("kl"),
         }
 
-    rows = [row(data, None, None) for data in ("noise", "real") if data in judged]
-    for entry in generation:
-        if entry["preset"] in judged:
-            rows.append(row(entry["preset"], entry["minutes"], entry["images/s"]))
-    return rows if len(rows) > sum(1 for r in rows if r["data"] in ("noise", "real")) else []
+    generated = [
+        row(entry["preset"], entry["minutes"], entry["images/s"])
+        for entry in generation
+        if entry["preset"] in judged
+    ]
+    if not generated:
+        return []
+    return [row(data, None, None) for data in ("noise", "real") if data in judged] + generated
 
 
 def _fp32_top1(cells: list[dict[str, Any]]) -> float | None:
@@ -336,8 +338,7 @@ def _targets_section(records: list[dict[str, Any]]) -> str:
         return ""
     rows = target_rows(cells, fp32, ZERO_SHOT)
     columns = ["spec", "calibration", "reconstruct", "toolkit", ZERO_SHOT, "spread", "real"]
-    columns += ["noise"]
-    columns += ["below FP32", "below real", "agreement", "verdict"]
+    columns += ["noise", "below FP32", "below real", "agreement", "verdict"]
     return (
         "\n## Targets\n\n"
         f"Top-1 of {ZERO_SHOT} images, mean over seeds (spread: largest minus smallest seed), "
@@ -365,9 +366,10 @@ def render() -> str:
         "`overflow_fix = false`) with 256 calibration images and the `auto` budget "
         "(zsq_plugins.budgets); the default pipeline runs the library's defaults.\n",
     ]
+    loaded = {part: _load(grid_folder(part) / "results.json") for part in (*GRIDS, *GENERATORS)}
     records = []
     for part in GRIDS:
-        record = _load(grid_folder(part) / "results.json")
+        record = loaded[part]
         if record is None:
             out.append(f"\n## {TITLES[part]}\n\nNot measured yet: `python benchmarks/imagenet.py "
                        f"--part {part}`.\n")  # fmt: skip
@@ -407,7 +409,7 @@ def render() -> str:
         if record.get("environment"):
             out.append(environment_footer(record["environment"]))
     out.append(_targets_section(records))
-    out.append(_experiments_section(_load(grid_folder(BASELINE) / "results.json")))
+    out.append(_experiments_section(loaded[BASELINE]))
     tables = sorted(RESULTS.glob("sensitivity*.json"))
     if tables:
         links = []
@@ -428,8 +430,8 @@ def render() -> str:
         out.append(markdown_table(generation, list(generation[0]), digits=2))
         cells = [
             cell
-            for part in ("genie-m", *GENERATORS)
-            for cell in (_load(grid_folder(part) / "results.json") or {}).get("cells", [])
+            for part in (BASELINE, *GENERATORS)
+            for cell in (loaded[part] or {}).get("cells", [])
         ]
         rows = generator_rows(generation, cells)
         if rows:
