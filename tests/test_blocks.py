@@ -2,8 +2,8 @@ import pytest
 from torch import nn
 
 from zsq_plugins import zoo
+from zsq_plugins.graph.blocks import BlockKind, find_blocks, output_points
 from zsq_plugins.quant.fold import fold_batchnorm
-from zsq_plugins.reconstruction.blocks import BlockKind, find_blocks, output_points
 from zsq_plugins.zoo.architectures import ARCHITECTURES
 from zsq_plugins.zoo.vit import SelfAttention
 

@@ -131,7 +131,7 @@ class _ReadsInputEarly(torch.nn.Module):
 
 
 def test_block_runner_replays_only_when_it_matches_a_full_pass():
-    from zsq_plugins.reconstruction.block_inputs import BlockRunner
+    from zsq_plugins.graph.block_inputs import BlockRunner
 
     images = torch.randn(20, 1, 6, 6)
     index = torch.tensor([3, 7, 19, 0])
@@ -149,7 +149,7 @@ def test_block_runner_replays_only_when_it_matches_a_full_pass():
 
 
 def test_auto_block_input_cache_goes_to_disk_above_its_limit(monkeypatch):
-    from zsq_plugins.reconstruction import block_inputs
+    from zsq_plugins.graph import block_inputs
 
     mapped = []
     original = block_inputs._mapped_tensor

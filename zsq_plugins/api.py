@@ -302,7 +302,7 @@ def apply(
     with meter.phase("clip"):
         clipping = clip_activations(quantized, images, seed=seed) if aac else None
     with meter.phase("abn"):
-        corrections = adapt_batchnorm(quantized, model, images) if abn else None
+        corrections = adapt_batchnorm(quantized, model, images, progress=progress) if abn else None
     reconstruction = None
     with meter.phase("reconstruct"):
         if reconstruct is not None:

@@ -11,7 +11,7 @@ from torch import nn
 from zsq_plugins.adapter import QuantizedModel
 from zsq_plugins.budgets import auto_budget, model_macs
 from zsq_plugins.configio import Budget
-from zsq_plugins.reconstruction.block_inputs import BlockInputCache
+from zsq_plugins.graph.block_inputs import BlockInputCache
 from zsq_plugins.reconstruction.config import ReconstructionConfig
 from zsq_plugins.reconstruction.presets import RECONSTRUCTIONS, ReconstructionPreset
 from zsq_plugins.reconstruction.routine import ReconstructionReport

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from zsq_plugins.adapter import QuantizedModel, QuantizerHandle
-from zsq_plugins.reconstruction.blocks import Block
+from zsq_plugins.graph.blocks import Block
 
 
 def activation_quantizers_by_block(

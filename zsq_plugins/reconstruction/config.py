@@ -13,8 +13,8 @@ from enum import Enum
 from typing import Any
 
 from zsq_plugins.configio import checked_replace, to_json_dict
-from zsq_plugins.reconstruction.block_inputs import BlockInputCache
-from zsq_plugins.reconstruction.blocks import Granularity
+from zsq_plugins.graph.block_inputs import BlockInputCache
+from zsq_plugins.graph.blocks import Granularity
 
 RESULT_NEUTRAL = ("block_inputs",)
 """ReconstructionConfig fields that change time and memory only, never the result."""

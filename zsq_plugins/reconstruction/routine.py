@@ -10,7 +10,7 @@ For each block (blocks.py), in order:
    activation quantization while learning;
 3. minibatches run through the *toolkit's* model, stopped right after the block's output point
    (the prefix is the already-reconstructed quantized model, as in BRECQ; its output is
-   computed once per image and replayed, see block_inputs.py), and the rounding and steps
+   computed once per image and replayed, see graph/block_inputs.py), and the rounding and steps
    minimize the reconstruction error plus AdaRound's annealed regularizer;
 4. results are written back on the toolkit's grid: each weight becomes its hard-rounded value
    (on the grid, so the toolkit's own rounding reproduces it), each learned step is set
@@ -35,13 +35,13 @@ from tqdm.auto import tqdm
 
 from zsq_plugins.adapter import QuantizedModel, QuantizerHandle
 from zsq_plugins.capture import capture_at, float_weights, plain_tensor, run_to
+from zsq_plugins.graph.block_inputs import BlockInputCache, BlockRunner, cache_tensor
+from zsq_plugins.graph.blocks import Block, find_blocks, output_points
 from zsq_plugins.phases import PhaseMeter
 from zsq_plugins.quant.clipping import clip_activations
 from zsq_plugins.quant.fold import fold_batchnorm
 from zsq_plugins.quant.weight_clipping import init_weight_steps
 from zsq_plugins.reconstruction.assignment import activation_quantizers_by_block
-from zsq_plugins.reconstruction.block_inputs import BlockInputCache, BlockRunner, cache_tensor
-from zsq_plugins.reconstruction.blocks import Block, find_blocks, output_points
 from zsq_plugins.reconstruction.checkpoint import ReconstructionCheckpoint, checkpoint_identity
 from zsq_plugins.reconstruction.config import LossReduction, ReconstructionConfig, Schedule
 from zsq_plugins.reconstruction.rounding import AdaRoundWeight, LSQActivation, drop_mask
@@ -77,7 +77,7 @@ class BlockReport:
     (``initial_loss`` and ``final_loss`` are of the first and last steps' random batches,
     with the float weights at the start, so they do not compare like that.)"""
     cached_inputs: bool = False
-    """Whether the steps ran the block on cached inputs (see block_inputs.py) rather than
+    """Whether the steps ran the block on cached inputs (see graph/block_inputs.py) rather than
     recomputing the prefix."""
     iterations: int = 0
     step_seconds: float = math.nan
