@@ -6,6 +6,7 @@ ImageNet images.
     python benchmarks/imagenet.py --part grid        # no reconstruction
     python benchmarks/imagenet.py --part genie-m     # W4A8 followed by genie-m
     python benchmarks/imagenet.py --part w8a8-aac    # W8A8 with accurate activation clipping
+    python benchmarks/imagenet.py --part w8a8-abn    # W8A8 with adaptive BN (and AAC first)
     python benchmarks/imagenet.py --part generators  # the other BN presets, fx W4A8 genie-m
     python benchmarks/imagenet.py --part loss        # one experiment on the genie-m grid
     python benchmarks/imagenet.py --part default     # the default pipeline, timed (again)
@@ -15,7 +16,7 @@ The folder is a set of labelled ImageNet images such as the public "one image pe
 class" set (1,000 images). A fixed pool of 256 of them (``imagenet_split``: the smallest
 SHA-256 digests of the file names) is the real-data calibration set; the other 744 are the
 evaluation set of every row, FP32 included. The grids are ``zsq compare`` grids
-(benchmarks/configs/imagenet.toml, imagenet_genie_m.toml, imagenet_w8a8_aac.toml), resumable
+(benchmarks/configs/imagenet.toml, imagenet_genie_m.toml, imagenet_w8a8_*.toml), resumable
 cell by cell; the default pipeline is ``apply(efficientnet_lite0, "fx", "W4A8", data="genie",
 reconstruct="genie-m")`` with no other argument, timed phase by phase with its peak memory.
 Writes docs/results/imagenet/ and docs/results/imagenet.md.
@@ -52,7 +53,12 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results" / "imagenet"
 PAGE = ROOT / "docs" / "results" / "imagenet.md"
 CONFIGS = ROOT / "benchmarks" / "configs"
-GRIDS = {"grid": "imagenet", "genie-m": "imagenet_genie_m", "w8a8-aac": "imagenet_w8a8_aac"}
+GRIDS = {
+    "grid": "imagenet",
+    "genie-m": "imagenet_genie_m",
+    "w8a8-aac": "imagenet_w8a8_aac",
+    "w8a8-abn": "imagenet_w8a8_abn",
+}
 """Part name -> its grid config, benchmarks/configs/<name>.toml."""
 
 
@@ -60,6 +66,7 @@ TITLES = {
     "grid": "No reconstruction",
     "genie-m": "W4A8, reconstructed with genie-m",
     "w8a8-aac": "W8A8, calibration + accurate activation clipping",
+    "w8a8-abn": "W8A8, calibration + adaptive BN, alone and after accurate activation clipping",
 }
 
 
@@ -144,7 +151,7 @@ def _load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-PHASES = ("data", "quantize_and_calibrate", "clip", "reconstruct", "evaluate")
+PHASES = ("data", "quantize_and_calibrate", "clip", "abn", "reconstruct", "evaluate")
 
 
 def _cost_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:

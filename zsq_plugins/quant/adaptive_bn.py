@@ -25,10 +25,11 @@ on these images.
 The pass walks the model block by block (graph/blocks.py, as reconstruction does): each
 block's input in the quantized model is held once per image, its layers are reached from
 there, and the next block's input is computed from it once the block is corrected
-(graph/block_inputs.py checks each replay against a full forward pass and runs from the image
-where they differ). Running from the image to every layer costs depth x depth: on a 224 px
-EfficientNet-Lite0 with 256 images it did not finish in an hour. The FP side needs no walk:
-its statistics do not change, so one forward pass collects every layer's.
+(graph/block_inputs.py checks each block's replay against a pass from the image on one batch,
+and the pass runs from the image where they differ). Running from the image to every layer
+costs depth x depth: on a 224 px EfficientNet-Lite0 with 256 images it did not finish in an
+hour. The FP side needs no walk: its statistics do not change, so one forward pass collects
+every layer's.
 
 The mean term is the empirical bias correction of Nagel et al. (DFQ, 2019); the deviation
 term is what re-estimating BN's variance adds.
@@ -53,15 +54,6 @@ from zsq_plugins.quant.fakequant import fake_quantize
 from zsq_plugins.quant.fold import fold_batchnorm
 
 log = logging.getLogger(__name__)
-
-REPLAY_CHECK_IMAGES = 4
-"""Images on which each replay from a block's held input is checked against a full forward
-pass: the check runs the prefix, so it is kept small."""
-
-REPLAY_TOLERANCE = 1e-2
-"""Relative L2 distance up to which a replay counts as the full forward pass (BlockRunner's
-``tolerance``); far below what reading a wrong tensor gives, and ABN only takes means and
-deviations of the replayed values."""
 
 MAX_SCALE_CHANGE = 2.0
 """``alpha`` is kept within [1 / this, this]: a channel whose quantized output is (nearly)
@@ -264,12 +256,12 @@ def _quantized_inputs(
     groups = _groups(folded, order)
     inputs: torch.Tensor | None = None  # the current block's input for every image
 
-    def runner(first: str, point: str) -> BlockRunner:
-        # Without cached inputs, every call runs from the image (the old quadratic cost, only
-        # where a replay failed its check).
+    def runner(first: str, point: str | None, verify: bool = True) -> BlockRunner:
+        # Without held inputs every call runs from the image: the quadratic cost, only where
+        # a block's replay failed its check.
         cache = BlockInputCache.OFF if inputs is None else BlockInputCache.AUTO
-        return BlockRunner(model, first, point, images, REPLAY_CHECK_IMAGES, cache,
-                           inputs=inputs, tolerance=REPLAY_TOLERANCE)  # fmt: skip
+        return BlockRunner(model, first, point, images, batch_size, cache, inputs=inputs,
+                           verify=verify)  # fmt: skip
 
     def batches(run: BlockRunner) -> Iterator[torch.Tensor]:
         with torch.no_grad():
@@ -279,14 +271,19 @@ def _quantized_inputs(
 
     for position, group in enumerate(groups):
         first = group[0]
-        if inputs is None:  # the first block, or one whose input could not be replayed
+        following = groups[position + 1][0] if position + 1 < len(groups) else None
+        if inputs is None:  # the first block, or one after a block that could not be replayed
             start = BlockRunner(model, first, first, images, batch_size, BlockInputCache.AUTO)
             inputs = start.inputs
+        # One check per block, through the whole block, before its layers change: a replay
+        # that reaches the block's end as a pass from the image does reaches its layers so.
+        whole = runner(first, following)
+        if not whole.replays:
+            inputs = None
         for name in group:
-            yield name, batches(runner(first, name))
-        if position + 1 < len(groups):
-            following = runner(first, groups[position + 1][0])
-            inputs = following.values(batch_size) if following.replays else None
+            yield name, batches(runner(first, name, verify=False))
+        if following is not None:
+            inputs = whole.values(batch_size) if whole.replays else None
 
 
 def adapt_batchnorm(
@@ -294,7 +291,7 @@ def adapt_batchnorm(
     fp_model: nn.Module,
     images: torch.Tensor,
     *,
-    batch_size: int = 128,
+    batch_size: int = 32,
     variance: bool = True,
     max_scale_change: float = MAX_SCALE_CHANGE,
     progress: bool = False,
@@ -304,6 +301,8 @@ def adapt_batchnorm(
     scales, deviations) on ``images`` equal ``fp_model``'s; see the module docstring. Each
     channel's scale factor is kept within [1 / max_scale_change, max_scale_change]. Writes
     through the handles and the layers' biases; returns the gaps it found, per layer.
+    ``batch_size`` images run at a time, and each block's replay is checked on one such
+    batch run from the image: a larger one costs more there and saves little elsewhere.
     ``progress`` shows a bar over the layers."""
     if not max_scale_change >= 1:
         raise ValueError(f"max_scale_change must be >= 1, got {max_scale_change!r}")
