@@ -6,7 +6,7 @@ ImageNet images.
     python benchmarks/imagenet.py --part grid        # no reconstruction
     python benchmarks/imagenet.py --part genie-m     # W4A8 followed by genie-m
     python benchmarks/imagenet.py --part w8a8-aac    # W8A8 with accurate activation clipping
-    python benchmarks/imagenet.py --part w8a8-abn    # W8A8 with adaptive BN (and AAC first)
+    python benchmarks/imagenet.py --part w8a8-abn    # W8A8 with AAC and adaptive BN
     python benchmarks/imagenet.py --part generators  # the other BN presets, fx W4A8 genie-m
     python benchmarks/imagenet.py --part loss        # one experiment on the genie-m grid
     python benchmarks/imagenet.py --part default     # the default pipeline, timed (again)
@@ -66,7 +66,7 @@ TITLES = {
     "grid": "No reconstruction",
     "genie-m": "W4A8, reconstructed with genie-m",
     "w8a8-aac": "W8A8, calibration + accurate activation clipping",
-    "w8a8-abn": "W8A8, calibration + adaptive BN, alone and after accurate activation clipping",
+    "w8a8-abn": "W8A8, calibration + accurate activation clipping + adaptive BN",
 }
 
 

@@ -33,7 +33,6 @@ TARGETS = (
     Target("W8A8", "none", within_fp32=0.5, min_agreement=97.0),
     # The same target after accurate activation clipping: a correction, not a reconstruction.
     Target("W8A8", "none", within_fp32=0.5, min_agreement=97.0, calibration="aac"),
-    Target("W8A8", "none", within_fp32=0.5, min_agreement=97.0, calibration="abn"),
     Target("W8A8", "none", within_fp32=0.5, min_agreement=97.0, calibration="aac+abn"),
     Target("W4A8", "genie-m", within_fp32=2.0, within_real=0.5),
     Target("W4A4", "genie-m", within_fp32=6.0, within_real=1.0),
