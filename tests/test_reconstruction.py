@@ -115,6 +115,32 @@ def test_cached_block_inputs_change_no_result(name):
         assert torch.allclose(outputs[cache], outputs["off"], atol=1e-5)
 
 
+def test_each_blocks_inputs_and_targets_are_replayed_from_the_block_before():
+    """Every image passes the stem about once, not once per block: each block's inputs are
+    the block before's replayed (its targets likewise, in the FP model)."""
+    from zsq_plugins import zoo
+
+    model = zoo.load("resnet20_fmnist")
+    images = torch.rand(256, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    quantized = get_adapter("fx").quantize(model, QuantSpec.parse("W4A4"), [images], images[:2])
+    seen = []
+    stem = quantized.weight_handles()[0].layer
+    hook = quantized.model.get_submodule(stem).register_forward_pre_hook(
+        lambda _, args: seen.append(len(args[0]))
+    )
+    try:
+        report = reconstruct(
+            quantized, model, images, FAST.replace(iterations=2, batch_size=8), progress=False
+        )
+    finally:
+        hook.remove()
+    blocks = report.blocks
+    assert len(blocks) > 10 and all(b.cached_inputs for b in blocks[1:])
+    # From the image, every block's cache alone would pass all images through the stem; a
+    # replay passes one image per batch, and each block's checks and probes one batch.
+    assert sum(seen) < len(blocks) * len(images) / 2, sum(seen)
+
+
 class _ReadsInputEarly(torch.nn.Module):
     """Reads the block's input before the block's first layer runs: a replay cannot swap
     that read, so the runner must notice and recompute the prefix."""

@@ -16,7 +16,9 @@ For each block (blocks.py), in order:
    (on the grid, so the toolkit's own rounding reproduces it), each learned step is set
    through its handle, and the overrides are removed.
 Memory follows the block: only the current block's inputs and targets are held (the inputs
-optionally on disk).
+optionally on disk), and the block before's while the current block's are computed from them
+(a replay of the block before, checked against a run from the image; where it does not match,
+they are computed from the image).
 """
 
 from __future__ import annotations
@@ -55,7 +57,10 @@ same activation quantizers, assigned to blocks by execution order (before, by na
 left out those named after modules: most ReLU outputs), and learned steps round as the
 toolkit does. Not bumped when only the random draws change (QDrop's masks come from
 rounding.drop_mask since ImageNet-scale steps needed a cheaper draw): the same method with
-other draws, as a new torch release gives, moves a figure within its seed-to-seed spread."""
+other draws, as a new torch release gives, moves a figure within its seed-to-seed spread.
+Nor when block inputs and targets are replayed from the block before's: a replay is checked bit
+for bit against the pass from the image (the FP targets, run in other batches, may move in
+their last bits)."""
 
 
 @dataclasses.dataclass
@@ -166,19 +171,19 @@ def reconstruct_block(
     act_handles: list[QuantizerHandle],
     bar: tqdm | None = None,
     learn_rounding: bool = True,
-) -> BlockReport:
+    inputs: torch.Tensor | None = None,
+) -> tuple[BlockReport, torch.Tensor | None]:
     """Reconstructs one block; ``act_handles`` are the activation quantizers it learns
     (assignment.py). Without ``learn_rounding`` the weights keep their rounding (the second
-    stage of BRECQ's schedule learns activation steps only)."""
+    stage of BRECQ's schedule learns activation steps only). ``inputs``: the block's input for
+    every image, already computed (None: the runner computes them from the images). Returns
+    the report and the block inputs the steps replayed (None where they ran the prefix), from
+    which the next block's are computed."""
     model = quantized.model
     weight_handles = [
         h for h in quantized.weight_handles() if learn_rounding and h.layer in block.layers
     ]
     started = time.perf_counter()
-    probe = images[: config.batch_size]
-    with torch.no_grad(), capture_at(model, point) as store:
-        plain_output = run_to(model, probe, store)
-    plain = block_loss(plain_output, targets[: len(probe)], config.loss)
     floats = float_weights(model, weight_handles, images, point)
     first = _first_layer(block)
     runner = BlockRunner(
@@ -189,7 +194,14 @@ def reconstruct_block(
         config.batch_size,
         config.block_inputs if first is not None else BlockInputCache.OFF,
         block_quantizers=[h.module for h in weight_handles + act_handles],
+        inputs=inputs,
     )
+    # The probe batch runs through the runner too: a replay where it can (checked to be the
+    # forward pass from the image), so that no probe costs the whole prefix.
+    probe = torch.arange(min(config.batch_size, len(images)), device=images.device)
+    with torch.no_grad():
+        plain_output = runner(probe)
+    plain = block_loss(plain_output, targets[: len(probe)], config.loss)
     learn_scale = config.weight_scale_lr > 0
     roundings = [
         AdaRoundWeight(
@@ -284,10 +296,10 @@ def reconstruct_block(
         training["on"] = False
         step_seconds = time.perf_counter() - steps_started
         cached_inputs = runner.replays
-        runner.close()
+        held = runner.inputs
     try:
-        with torch.no_grad(), capture_at(model, point) as store:
-            routine_output = run_to(model, probe, store).detach().clone()  # hard, no QDrop
+        with torch.no_grad():
+            routine_output = runner(probe).detach().clone()  # hard, no QDrop
     finally:
         for remover in removers:
             remover.remove()
@@ -297,11 +309,11 @@ def reconstruct_block(
             weight.copy_(rounding(hard=True).reshape(weight.shape).to(weight))
         if config.learn_act_scales:
             write_steps()
-        with capture_at(model, point) as store:
-            native_output = run_to(model, probe, store)
+        native_output = runner(probe)
+    runner.close()
     fidelity = float((native_output - routine_output).abs().max())
     hard = block_loss(native_output, targets[: len(probe)], config.loss)
-    return BlockReport(
+    report = BlockReport(
         block.name,
         len(block.layers),
         initial,
@@ -314,13 +326,34 @@ def reconstruct_block(
         iterations=config.iterations,
         step_seconds=round(step_seconds, 3),
     )
+    return report, held
+
+
+def _next_values(
+    model: nn.Module,
+    first: str | None,
+    inputs: torch.Tensor | None,
+    point: str | None,
+    images: torch.Tensor,
+    config: ReconstructionConfig,
+) -> torch.Tensor | None:
+    """``model``'s value at ``point`` for every image, replayed from ``inputs`` (its value at
+    ``first``) rather than run from the image; None where that is not possible (no inputs, no
+    point, or a replay that does not match a forward pass from the image)."""
+    if inputs is None or first is None or point is None:
+        return None
+    runner = BlockRunner(model, first, point, images, config.batch_size, config.block_inputs,
+                         inputs=inputs)  # fmt: skip
+    values = runner.values(config.batch_size) if runner.replays else None
+    runner.close()
+    return values
 
 
 def _targets(
     folded: nn.Module, point: str | None, images: torch.Tensor, cache: BlockInputCache
 ) -> torch.Tensor:
-    """The FP model's value at ``point`` for every image, kept where block inputs are (a
-    224 px model's early targets for 1,024 images hold gigabytes)."""
+    """The FP model's value at ``point`` for every image, run from the image, kept where block
+    inputs are (a 224 px model's early targets for 1,024 images hold gigabytes)."""
     chunk = 256
     with torch.no_grad(), capture_at(folded, point) as store:
         first = run_to(folded, images[:chunk], store).detach()
@@ -429,18 +462,39 @@ def reconstruct(
         unit="step",
         disable=not progress,
     ) as bar:
+        # The block before's inputs (toolkit model) and targets (FP model), from which this
+        # block's are replayed when they can be: running every block's from the image costs
+        # depth x depth (most of a 224 px block's set-up).
+        before: tuple[str | None, torch.Tensor | None, str | None, torch.Tensor] | None = None
         for position, (stage, block) in enumerate(steps):
             if position < len(restored):
                 continue
             index = position % len(blocks)
             point = points[index]
+            first = _first_layer(block)
             name = stage.label + block.name
+            if index == 0:  # a stage starts: activations may switch, nothing carries over
+                before = None
             with (
                 meter.phase(name),
                 _activations_off(activations if stage.float_activations else []),
             ):
-                targets = _targets(folded, point, images, config.block_inputs)
-                report = reconstruct_block(
+                inputs = targets = None
+                if before is not None:
+                    first_before, inputs_before, point_before, targets_before = before
+                    before = None
+                    model = quantized.model
+                    inputs = _next_values(model, first_before, inputs_before, first, images,
+                                          stage.config)  # fmt: skip
+                    if point_before is not None and point_before == first:
+                        targets = _next_values(folded, first, targets_before, point, images,
+                                               stage.config)  # fmt: skip
+                    del inputs_before, targets_before
+                if targets is None:
+                    targets = _targets(folded, point, images, config.block_inputs)
+                else:
+                    targets = targets.to(images.device)
+                report, inputs = reconstruct_block(
                     quantized,
                     block,
                     point,
@@ -451,8 +505,10 @@ def reconstruct(
                     [] if stage.float_activations else learned_activations[index],
                     bar,
                     learn_rounding=stage.learn_rounding,
+                    inputs=inputs,
                 )
-                del targets  # before the next block's are made
+                before = (first, inputs, point, targets)
+                del inputs, targets
             report = dataclasses.replace(
                 report,
                 name=name,
