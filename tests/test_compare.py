@@ -436,7 +436,7 @@ def test_a_cell_stopped_during_reconstruction_resumes_after_its_last_block(tmp_p
         started.append(block.name)
         if len(started) == stop["at"]:
             raise Stopped
-        return routine.BlockReport(block.name, len(block.layers), 0.0, 0.0, 0.0, 0.0)
+        return routine.BlockReport(block.name, len(block.layers), 0.0, 0.0, 0.0, 0.0), None
 
     config = small(specs=["W4A4"], reconstruct=["genie-m"], test_samples=64)
     with mock.patch.object(routine, "reconstruct_block", block), pytest.raises(Stopped):
