@@ -217,12 +217,14 @@ def _block_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _update_generation(data_dir: Path) -> None:
-    """generation.json with every set in ``data_dir``; the sets recorded before and no
-    longer cached here are kept (the page is built from the JSON, not the cache)."""
+    """generation.json with every set in ``data_dir`` not recorded yet; a recorded set keeps
+    its time (a set generated again, say on a fresh checkout beside other work, would replace
+    an idle measurement with a loaded one: delete its row to measure it again), and the sets
+    no longer cached here are kept (the page is built from the JSON, not the cache)."""
     key = ("preset", "budget", "images", "iterations", "batch")
     recorded = (_load(RESULTS / "generation.json") or {}).get("sets", [])
-    rows = {tuple(r[k] for k in key): r for r in recorded}
-    rows.update({tuple(r[k] for k in key): r for r in _generation_rows(data_dir)})
+    rows = {tuple(r[k] for k in key): r for r in _generation_rows(data_dir)}
+    rows.update({tuple(r[k] for k in key): r for r in recorded})
     write_json(RESULTS / "generation.json", {"sets": list(rows.values())})
 
 
