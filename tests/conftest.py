@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -19,6 +24,26 @@ def has_fashion_mnist() -> bool:
     except DatasetNotFoundError:
         return False
     return True
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@contextlib.contextmanager
+def benchmark_script(name: str, module: str | None = None) -> Iterator[ModuleType]:
+    """benchmarks/<name>.py loaded as a module (registered under ``module``, default
+    ``name``, while in use: its dataclasses look their module up while being made), with
+    benchmarks/ on the path for the scripts it imports beside it."""
+    spec = importlib.util.spec_from_file_location(module or name, BENCHMARKS / f"{name}.py")
+    loaded = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCHMARKS))
+    sys.modules[spec.name] = loaded
+    try:
+        spec.loader.exec_module(loaded)
+        yield loaded
+    finally:
+        del sys.modules[spec.name]
+        sys.path.remove(str(BENCHMARKS))
 
 
 def requires_package(name: str, extra: str) -> pytest.MarkDecorator:

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "imagenet.py"
+from tests.conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def page():
-    sys.path.insert(0, str(SCRIPT.parent))  # it imports imagenet_targets beside it
-    spec = importlib.util.spec_from_file_location("imagenet_page", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("imagenet", "imagenet_page") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
-        sys.path.remove(str(SCRIPT.parent))
 
 
 def _cell(data, toolkit, top1, seconds, resumed_total=None):

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "imagenet_targets.py"
+from tests.conftest import benchmark_script
+
 FP32 = 90.0
 
 
 @pytest.fixture(scope="module")
 def targets():
-    spec = importlib.util.spec_from_file_location("imagenet_targets", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being made
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("imagenet_targets") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def _cell(data, spec, toolkit, top1, seed=0, reconstruct="genie-m", agreement=90.0):

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "no_bn_targets.py"
+from tests.conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def targets():
-    spec = importlib.util.spec_from_file_location("no_bn_targets", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("no_bn_targets") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def _cells(toolkit, real, noise, weight_stats=None, adversarial=None, **where):
